@@ -1,0 +1,1 @@
+"""Dataset readers, writers and the common sample schema."""
