@@ -1,0 +1,163 @@
+"""Write an offline tiny PaliGemma checkpoint directory: config, safetensors, tokenizer and processor files.
+
+The directory is loaded by the same `from_pretrained` code as a real PaliGemma checkpoint. Its initialisation is
+chosen so a tiny model can learn to point quickly (shared/notes/tiny-vlm-localization.md):
+- 2-D sin-cos patch position embeddings, so every patch token starts out knowing where it is;
+- the 1024 `<locNNNN>` embeddings (tied with the LM head) start as a smooth sin-cos code of the coordinate,
+  so neighbouring bins share gradient instead of being 1024 unrelated classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+from transformers import (
+    GemmaConfig,
+    GemmaTokenizer,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+)
+
+from affordvla.backbones.tokenizer_corpus import tokenizer_corpus
+
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's ids 0..4
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
+LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
+SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
+IMAGE_TOKEN = "<image>"
+
+
+def build_tokenizer(bpe_vocab_size: int = 800) -> GemmaTokenizer:
+    """A Gemma-style BPE tokenizer (byte fallback, '▁' for spaces) with PaliGemma's extra tokens.
+
+    Id layout mirrors PaliGemma: text vocabulary first, then `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`,
+    then `<image>`.
+    """
+    trainer_tokenizer = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True))
+    trainer_tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    trainer = BpeTrainer(vocab_size=bpe_vocab_size, special_tokens=SPECIAL + BYTE_TOKENS, show_progress=False)
+    trainer_tokenizer.train_from_iterator(tokenizer_corpus(), trainer)
+    state = json.loads(trainer_tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = GemmaTokenizer(vocab=state["vocab"], merges=merges)
+    tokenizer.add_tokens(LOC_TOKENS + SEG_TOKENS)
+    tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.add_bos_token = False
+    tokenizer.add_eos_token = False
+    return tokenizer
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) 2-D sin-cos embedding, row-major like SigLIP's patch order; half the channels per axis."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    coords = torch.arange(grid, dtype=torch.float64)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (xs.reshape(-1), ys.reshape(-1)):
+        angles = axis[:, None] * omega[None, :]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    return torch.cat(parts, dim=1).float()
+
+
+def coordinate_code(bins: int, dim: int, scale: float) -> torch.Tensor:
+    """(bins, dim) sin-cos code of the bin value: nearby coordinates get nearby embeddings."""
+    half = dim // 2
+    # wavelengths from 2 bins up to ~4x the range, so the code is unique and smooth
+    wavelengths = torch.logspace(math.log10(8.0), math.log10(4.0 * bins), half, dtype=torch.float64)
+    values = torch.arange(bins, dtype=torch.float64)[:, None] * (2 * math.pi / wavelengths[None, :])
+    code = torch.cat([torch.sin(values), torch.cos(values)], dim=1)
+    return (code * scale / math.sqrt(half)).float()
+
+
+def tiny_config(
+    vocab_size: int,
+    image_token_id: int,
+    *,
+    image_size: int = 64,
+    patch_size: int = 8,
+    hidden_size: int = 128,
+    vision_layers: int = 3,
+    text_layers: int = 3,
+    heads: int = 4,
+    intermediate_size: int = 512,
+) -> PaliGemmaConfig:
+    vision = SiglipVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden_size,
+        vision_use_head=False,
+    )
+    text = GemmaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=1,
+        head_dim=hidden_size // heads,
+        max_position_embeddings=1024,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        vocab_size=vocab_size,
+        projection_dim=hidden_size,
+        hidden_size=hidden_size,
+    )
+    config.vision_config.projection_dim = hidden_size
+    return config
+
+
+def write_tiny_paligemma(out_dir: str | Path, *, seed: int = 0, **config_overrides) -> Path:
+    """Build, initialise and save the tiny checkpoint (config.json, model.safetensors, tokenizer, processor)."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = tiny_config(len(tokenizer), image_token_id, **config_overrides)
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config)
+    _initialise_for_pointing(model, tokenizer)
+
+    vision = config.vision_config
+    num_patches = (vision.image_size // vision.patch_size) ** 2
+    image_processor = SiglipImageProcessorPil(
+        size={"height": vision.image_size, "width": vision.image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        resample=3,  # bicubic, as PaliGemma's
+    )
+    image_processor.image_seq_length = num_patches
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def _initialise_for_pointing(model: PaliGemmaForConditionalGeneration, tokenizer) -> None:
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
+    embeddings = model.model.vision_tower.embeddings
+    embeddings.position_embedding.weight.copy_(sincos_2d(grid, vision.hidden_size))
+    table = model.model.language_model.embed_tokens.weight
+    first_loc = tokenizer.convert_tokens_to_ids(LOC_TOKENS[0])
+    # Gemma multiplies input embeddings by sqrt(hidden); keep loc codes at the scale of the other rows.
+    scale = float(table[:first_loc].norm(dim=1).mean())
+    table[first_loc : first_loc + len(LOC_TOKENS)] = coordinate_code(len(LOC_TOKENS), table.shape[1], scale)

@@ -1,0 +1,1 @@
+"""Output heads: how keypoints and actions are read from a model."""

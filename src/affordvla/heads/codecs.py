@@ -1,0 +1,241 @@
+"""Keypoint text codecs: normalised (K, 2) keypoints <-> the answer text a VLM is trained to generate.
+
+Every codec works on numpy float arrays of (x, y) normalised to [0, 1] of the image (x = column). `decode`
+raises `KeypointParseError`; `try_decode` returns None instead. Both count successes and failures so an
+evaluation can report how often a model's output was unreadable rather than crashing on it.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from affordvla.data.sample import KALIE_POINT_NAMES
+
+
+class KeypointParseError(ValueError):
+    """Generated text could not be read back as keypoints."""
+
+
+class KeypointCodec(abc.ABC):
+    name: str = ""
+    fixed_count = True  # encode requires exactly one point per name
+
+    def __init__(self, point_names: Sequence[str] = KALIE_POINT_NAMES) -> None:
+        self.point_names = tuple(point_names)
+        self.reset_counts()
+
+    # --- public API -------------------------------------------------------------------------------
+    def encode(self, keypoints: np.ndarray) -> str:
+        return self._encode(self._check(keypoints))
+
+    def decode(self, text: str) -> np.ndarray:
+        # Counting happens here (not only in try_decode) so callers that catch errors themselves still count.
+        try:
+            if not isinstance(text, str):
+                raise KeypointParseError(f"expected str, got {type(text).__name__}")
+            out = np.asarray(self._decode(text), dtype=np.float64).reshape(-1, 2)
+        except KeypointParseError:
+            self.n_failed += 1
+            raise
+        except (ValueError, TypeError, OverflowError) as e:  # any slip in a parser is a parse failure
+            self.n_failed += 1
+            raise KeypointParseError(str(e)) from e
+        self.n_parsed += 1
+        return out
+
+    def try_decode(self, text: str) -> np.ndarray | None:
+        try:
+            return self.decode(text)
+        except KeypointParseError:
+            return None
+
+    def reset_counts(self) -> None:
+        self.n_parsed = 0
+        self.n_failed = 0
+
+    @property
+    def failure_rate(self) -> float:
+        total = self.n_parsed + self.n_failed
+        return self.n_failed / total if total else 0.0
+
+    # --- subclass hooks ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _encode(self, keypoints: np.ndarray) -> str: ...
+
+    @abc.abstractmethod
+    def _decode(self, text: str) -> np.ndarray: ...
+
+    def _check(self, keypoints: np.ndarray) -> np.ndarray:
+        kp = np.asarray(keypoints, dtype=np.float64)
+        if kp.ndim != 2 or kp.shape[1] != 2:
+            raise ValueError(f"keypoints must be (K, 2), got {kp.shape}")
+        if self.fixed_count and len(kp) != len(self.point_names):
+            raise ValueError(f"{len(kp)} keypoints but {len(self.point_names)} point names")
+        return kp
+
+
+class PaliGemmaLocCodec(KeypointCodec):
+    """`<locYYYY><locXXXX>` per point (y first, PaliGemma convention), bin index of `bins` equal bins."""
+
+    name = "paligemma_loc"
+    _LOC = re.compile(r"<loc(\d+)>")
+
+    def __init__(self, point_names: Sequence[str] = KALIE_POINT_NAMES, bins: int = 1024) -> None:
+        super().__init__(point_names)
+        if not 1 <= bins <= 10_000:  # indices must fit the 4-digit token
+            raise ValueError(f"bins must be in 1..10000, got {bins}")
+        self.bins = bins
+
+    def _index(self, v: float) -> int:
+        return min(max(math.floor(v * self.bins), 0), self.bins - 1)
+
+    def _encode(self, kp: np.ndarray) -> str:
+        return "".join(f"<loc{self._index(y):04d}><loc{self._index(x):04d}>" for x, y in kp)
+
+    def _decode(self, text: str) -> np.ndarray:
+        need = 2 * len(self.point_names)
+        # Anything that is not a loc token (labels, spaces, stray tokens) is ignored; extras beyond 2K dropped.
+        toks = self._LOC.findall(text)[:need]
+        if len(toks) < need:
+            raise KeypointParseError(f"{len(toks)} loc tokens, need {need}")
+        idx = []
+        for t in toks:
+            if len(t) != 4 or int(t) >= self.bins:
+                raise KeypointParseError(f"loc token <loc{t}> out of range for {self.bins} bins")
+            idx.append(int(t))
+        yx = (np.array(idx, dtype=np.float64).reshape(-1, 2) + 0.5) / self.bins  # bin centres
+        return yx[:, ::-1]
+
+
+class KalieJsonCodec(KeypointCodec):
+    """KALIE's target text: indent-4 JSON of zero-padded 3-digit strings on a 0-999 scale (kalie.md 1.3)."""
+
+    name = "kalie_json"
+    _STR_FMT = re.compile(r"([A-Za-z-]+ Point): \((\d+),\s*(\d+)\)")
+    _TRAILING_COMMA = re.compile(r",\s*([}\]])")
+
+    @staticmethod
+    def _fmt(v: float) -> str:
+        i = int(round(v * 1000))
+        return "000" if i < 0 else "999" if i >= 1000 else f"{i:03d}"
+
+    def _encode(self, kp: np.ndarray) -> str:
+        return json.dumps({n: [self._fmt(x), self._fmt(y)] for n, (x, y) in zip(self.point_names, kp)}, indent=4)
+
+    def _decode(self, text: str) -> np.ndarray:
+        obj = self._load_json(text)
+        if obj is None:  # KALIE's alternative "Grasp Point: (x, y), ..." string format
+            obj = {m[0]: [m[1], m[2]] for m in self._STR_FMT.findall(text)}
+        if not obj:
+            raise KeypointParseError("no JSON object or 'Name Point: (x, y)' pairs found")
+        found = {str(k).strip().lower(): v for k, v in obj.items()}  # models sometimes change the case
+        out = []
+        for n in self.point_names:
+            v = found.get(n.lower())
+            if not isinstance(v, (list, tuple)) or len(v) != 2:
+                raise KeypointParseError(f"point {n!r} missing or not an (x, y) pair")
+            out.append([int(float(c)) / 1000 for c in v])  # int(float(v)) like KALIE's scorer
+        return np.array(out)
+
+    def _load_json(self, text: str) -> dict | None:
+        start = text.find("{")
+        if start < 0:
+            return None
+        # Repairs: single quotes, trailing commas; raw_decode ignores text after the object.
+        body = self._TRAILING_COMMA.sub(r"\1", text[start:].replace("'", '"'))
+        dec = json.JSONDecoder()
+        try:
+            obj = dec.raw_decode(body)[0]
+        except json.JSONDecodeError:
+            # Truncated output: keep up to the last complete point and close the open braces. A half-written
+            # last point is cut off, so it shows up as a missing point rather than a wrong value.
+            cut = body[: body.rfind("]") + 1]
+            cut = cut + "}" * max(cut.count("{") - cut.count("}"), 0)
+            try:
+                obj = dec.raw_decode(cut)[0]
+            except json.JSONDecodeError:
+                return None
+        return obj if isinstance(obj, dict) else None
+
+
+class RoboPointTupleCodec(KeypointCodec):
+    """RoboPoint answer `[(0.512, 0.334), (0.100, 0.900)]`: any number of points, 3 decimals."""
+
+    name = "robopoint"
+    fixed_count = False  # RoboPoint answers carry 1..N points; names are not written
+    _NUM = r"\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*"
+    _TUPLE = re.compile(r"\(" + _NUM + "," + _NUM + r"\)")
+
+    def __init__(self, point_names: Sequence[str] = KALIE_POINT_NAMES, num_points: int | None = None) -> None:
+        super().__init__(point_names)
+        self.num_points = num_points
+
+    def _encode(self, kp: np.ndarray) -> str:
+        return "[" + ", ".join(f"({x:.3f}, {y:.3f})" for x, y in kp) + "]"
+
+    def _decode(self, text: str) -> np.ndarray:
+        # Only complete "(a, b)" tuples match, so a truncated last tuple simply drops out.
+        pts = [[float(a), float(b)] for a, b in self._TUPLE.findall(text)]
+        need = self.num_points if self.num_points is not None else 1
+        if len(pts) < need:
+            raise KeypointParseError(f"{len(pts)} point tuples, need {need}")
+        return np.array(pts[: self.num_points] if self.num_points is not None else pts)
+
+
+CODECS: dict[str, type[KeypointCodec]] = {
+    "paligemma_loc": PaliGemmaLocCodec,
+    "kalie_json": KalieJsonCodec,
+    "robopoint": RoboPointTupleCodec,
+}
+
+
+def make_codec(name: str, **kwargs) -> KeypointCodec:
+    if name not in CODECS:
+        raise ValueError(f"unknown keypoint codec {name!r}; valid names: {', '.join(sorted(CODECS))}")
+    return CODECS[name](**kwargs)
+
+
+_KALIE_PREFIXES = ("grasp", "func", "targ", "prec", "postc")
+
+
+def kalie_point_scores(
+    pred: np.ndarray | None, target: np.ndarray, point_names: Sequence[str] = KALIE_POINT_NAMES
+) -> dict[str, float]:
+    """KALIE's offline score (kalie.md 3) on the 0-999 scale; `pred=None` (unparseable) gets the penalty."""
+    names = tuple(point_names)
+    prefixes = _KALIE_PREFIXES if names == KALIE_POINT_NAMES else tuple(f"p{i}" for i in range(len(names)))
+    target = np.asarray(target, dtype=np.float64).reshape(-1, 2)
+    if len(target) != len(names):
+        raise ValueError(f"{len(target)} target points but {len(names)} point names")
+    if pred is not None:
+        pred = np.asarray(pred, dtype=np.float64).reshape(-1, 2)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {pred.shape} != target shape {target.shape}")
+        if not np.isfinite(pred).all():  # NaN/inf cannot be scored: treat as unparseable
+            pred = None
+
+    out: dict[str, float] = {}
+    if pred is None:
+        for p in prefixes:
+            out.update({f"{p}_mse": 1_000_000.0, f"{p}_abs_x": 500.0, f"{p}_abs_y": 500.0})
+        out.update(avg_mse=1_000_000.0, exact_match=0.0)
+        return out
+
+    def to_int(a: np.ndarray) -> list[list[int]]:
+        return [[min(max(int(round(v * 1000)), 0), 999) for v in row] for row in a]
+
+    pi, ti = to_int(pred), to_int(target)
+    mses = []
+    for p, (px, py), (tx, ty) in zip(prefixes, pi, ti):
+        dx, dy = px - tx, py - ty
+        mses.append((dx * dx + dy * dy) / 2)
+        out.update({f"{p}_mse": mses[-1], f"{p}_abs_x": float(abs(dx)), f"{p}_abs_y": float(abs(dy))})
+    out["avg_mse"] = float(np.mean(mses))
+    out["exact_match"] = float(pi == ti)
+    return out
