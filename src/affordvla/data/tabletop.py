@@ -119,21 +119,34 @@ def _table(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.ndarray
 
 
 def _draw_distractors(canvas: _Canvas, rng: np.random.Generator, table_colour, count: int) -> None:
+    """Clutter that shares no shape with a task object (triangles, crosses, stars, rings), so every scene has
+    one right answer."""
     for _ in range(count):
         centre = rng.uniform(0.05, 0.95, 2)
         angle = rng.uniform(0, 2 * math.pi)
         colour = _colour(rng, table_colour, 60)
         kind = rng.integers(0, 4)
-        s = rng.uniform(0.03, 0.08)
+        s = rng.uniform(0.03, 0.07)
         if kind == 0:
-            canvas.ellipse(centre, s, s * rng.uniform(0.5, 1.0), angle, colour)
-        elif kind == 1:
-            canvas.polygon(_place(_rect(2 * s, s * rng.uniform(0.5, 1.5), -s), centre, angle), colour)
-        elif kind == 2:
             tri = np.array([[s, 0], [-s, 0.8 * s], [-s, -0.8 * s]])
             canvas.polygon(_place(tri, centre, angle), colour)
+        elif kind == 1:
+            for bar in (_rect(2 * s, 0.6 * s, -s), _rect(2 * s, 0.6 * s, -s) @ _rotation(math.pi / 2).T):
+                canvas.polygon(_place(bar, centre, angle), colour)
+        elif kind == 2:
+            t = np.arange(10) * math.pi / 5
+            radius = np.where(np.arange(10) % 2 == 0, s, 0.45 * s)
+            canvas.polygon(_place(np.stack([radius * np.cos(t), radius * np.sin(t)], 1), centre, angle), colour)
         else:
-            canvas.polygon(_place(_blob(rng, s), centre, angle), colour)
+            hole = _table_sample(canvas, centre)
+            canvas.ellipse(centre, s, s, 0.0, colour)
+            canvas.ellipse(centre, 0.5 * s, 0.5 * s, 0.0, hole)
+
+
+def _table_sample(canvas: _Canvas, centre) -> tuple[int, int, int]:
+    """The table colour under `centre`, to punch the hole of a ring."""
+    x, y = (int(min(canvas.scale - 1, max(0, c * canvas.scale))) for c in centre)
+    return canvas.image.getpixel((x, y))[:3]
 
 
 # --- the five tasks -------------------------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine: `make train` (set up, then train the embedded default) and
+# `make test`. Every target sets up the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+BENCH ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup train test test-fast bench clean-outputs
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	@# Prefer a CPU build of torch from a local wheel folder (pip's find-links) when one is there; elsewhere
+	@# pip resolves torch from the index within pyproject's open range.
+	$(PY) -m pip install --quiet --no-index "torch==2.13.0" 2>/dev/null || echo "no local torch wheel: using the index"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: setup
+	$(VENV)/bin/affordvla-train $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m affordvla.bench $(if $(BENCH),--only $(BENCH))
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,96 @@
+"""The interface every VLM backbone offers to the heads.
+
+A backbone owns its model, its processor (image preprocessing + tokenizer) and its prompt layout. Heads see
+only tensors and text: they ask the backbone to turn (images, prompts, answers) into model inputs, to run the
+model, and to decode greedily.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class BackboneLoadError(ValueError):
+    """A backbone checkpoint directory is missing, incomplete or of another family."""
+
+
+class VLMBackbone(nn.Module, abc.ABC):
+    family: ClassVar[str]
+    # Prefixes of parameter names per part, for per-part learning rates and freezing.
+    part_prefixes: ClassVar[dict[str, tuple[str, ...]]]
+
+    def __init__(self, model: nn.Module, processor: Any, source: str):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.source = source
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> VLMBackbone: ...
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        self.model.save_pretrained(out_dir)
+        self.processor.save_pretrained(out_dir)
+
+    # --- properties ---------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    @abc.abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def image_seq_length(self) -> int: ...
+
+    # --- inputs -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def preprocess_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """HxWx3 uint8 images -> pixel tensor (B, C, H, W) exactly as the processor would produce."""
+
+    @abc.abstractmethod
+    def build_inputs(self, prompts: list[str], answers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Token tensors for a batch: prompts left-padded (so every answer starts at the same column, as in
+        generation) and answers right-padded; `labels` is IGNORE_INDEX everywhere but answer tokens."""
+
+    # --- model --------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, pixel_values: torch.Tensor, inputs: dict[str, torch.Tensor], logits_to_keep: int = 0):
+        """Returns an output with `.logits` (for the last `logits_to_keep` positions, all when 0)."""
+
+    @abc.abstractmethod
+    def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
+        """Greedy continuation of each prompt, decoded with special tokens kept (answers may be made of them)."""
+
+    # --- optimisation helpers -----------------------------------------------------------------------------
+    def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters grouped by part (e.g. vision_tower, projector, language_model)."""
+        parts: dict[str, list[nn.Parameter]] = {name: [] for name in self.part_prefixes}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = next((p for p, prefixes in self.part_prefixes.items() if name.startswith(prefixes)), None)
+            if part is None:
+                raise KeyError(f"parameter {name} of {self.family} belongs to no part of {list(self.part_prefixes)}")
+            parts[part].append(param)
+        return parts
+
+    def freeze(self, parts: list[str]) -> None:
+        unknown = sorted(set(parts) - set(self.part_prefixes))
+        if unknown:
+            raise ValueError(f"cannot freeze unknown parts {unknown}; valid parts: {sorted(self.part_prefixes)}")
+        for name, param in self.model.named_parameters():
+            if any(name.startswith(self.part_prefixes[p]) for p in parts):
+                param.requires_grad_(False)

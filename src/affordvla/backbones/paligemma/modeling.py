@@ -1,0 +1,130 @@
+"""PaliGemma (1 and 2) through transformers' own classes.
+
+Prompt layout, as PaliGemma was trained: `<image>` x N, `<bos>`, the prefix text, `\n`, then the answer and
+`<eos>`. The prefix (image + prompt) attends bidirectionally (token_type_ids = 0), the answer causally.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+from affordvla.backbones.base import IGNORE_INDEX, BackboneLoadError, VLMBackbone
+
+
+def read_checkpoint_config(path: str | Path, expected_model_type: str) -> dict:
+    """config.json of a local checkpoint, with clear errors for a missing path or another family."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BackboneLoadError(f"backbone checkpoint directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise BackboneLoadError(f"{path} has no config.json: not a transformers checkpoint directory")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type != expected_model_type:
+        raise BackboneLoadError(
+            f"{config_file} is a '{model_type}' checkpoint, but this backbone loads '{expected_model_type}'"
+        )
+    return config
+
+
+class PaliGemmaBackbone(VLMBackbone):
+    family = "paligemma"
+    part_prefixes = {
+        "vision_tower": ("model.vision_tower.",),
+        "projector": ("model.multi_modal_projector.",),
+        "language_model": ("model.language_model.", "lm_head."),
+    }
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32", **kwargs) -> PaliGemmaBackbone:
+        read_checkpoint_config(path, "paligemma")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
+        processor = AutoProcessor.from_pretrained(path)
+        return cls(model, processor, str(path))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def image_seq_length(self) -> int:
+        return self.processor.image_seq_length
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def preprocess_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        pil = [Image.fromarray(np.asarray(im)) for im in images]
+        return self.processor.image_processor(pil, return_tensors="pt")["pixel_values"]
+
+    def _prefix_text(self, prompt: str) -> str:
+        return self.processor.image_token * self.image_seq_length + self.tokenizer.bos_token + prompt + "\n"
+
+    def build_inputs(self, prompts: list[str], answers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        prefixes = tok([self._prefix_text(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        suffixes = (
+            tok([a + tok.eos_token for a in answers], add_special_tokens=False)["input_ids"]
+            if answers is not None
+            else [[] for _ in prompts]
+        )
+        prefix_len = max(len(p) for p in prefixes)
+        total = prefix_len + max(len(s) for s in suffixes)
+        batch = len(prompts)
+        input_ids = torch.full((batch, total), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, total), dtype=torch.long)
+        token_type_ids = torch.zeros((batch, total), dtype=torch.long)
+        labels = torch.full((batch, total), IGNORE_INDEX, dtype=torch.long)
+        for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+            start = prefix_len - len(prefix)
+            input_ids[i, start:prefix_len] = torch.tensor(prefix)
+            attention_mask[i, start : prefix_len + len(suffix)] = 1
+            if suffix:
+                input_ids[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
+                token_type_ids[i, prefix_len : prefix_len + len(suffix)] = 1
+                labels[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
+        # 1-indexed positions that skip padding: exactly what PaliGemma's generate() computes.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + 1
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+               "position_ids": position_ids}
+        if answers is not None:
+            out["labels"] = labels
+        return out
+
+    def forward(self, pixel_values: torch.Tensor, inputs: dict[str, torch.Tensor], logits_to_keep: int = 0):
+        return self.model(
+            pixel_values=pixel_values.to(self.model.dtype),
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            token_type_ids=inputs["token_type_ids"],
+            position_ids=inputs["position_ids"],
+            logits_to_keep=logits_to_keep,
+            use_cache=False,
+        )
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
+        inputs = self.build_inputs(prompts)
+        inputs.pop("position_ids")  # generate() derives the same positions from the mask
+        output = self.model.generate(
+            pixel_values=pixel_values.to(self.model.dtype),
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **kwargs,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
+        eos, pad = self.tokenizer.eos_token, self.tokenizer.pad_token
+        return [t.split(eos)[0].replace(pad, "") for t in texts]

@@ -1,0 +1,49 @@
+"""Lightning callbacks of the framework (checkpoint and RNG callbacks live in affordvla.checkpointing)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
+
+from affordvla.tracking.overlays import overlay_grid
+
+log = logging.getLogger(__name__)
+
+
+def log_artifact(trainer: L.Trainer, path: Path, artifact_path: str | None = None) -> None:
+    """Log a file to every MLflow logger of the trainer."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
+class KeypointOverlayCallback(L.Callback):
+    """After each validation and test: draw predicted vs true keypoints and log the picture."""
+
+    def __init__(self, output_dir: str, max_images: int = 8, columns: int = 4):
+        self.output_dir = Path(output_dir)
+        self.max_images = max_images
+        self.columns = columns
+
+    def _draw(self, trainer: L.Trainer, module, split: str) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        evaluator = module.evaluators.get(split)
+        if evaluator is None or not evaluator.kept:
+            return
+        kept = evaluator.kept[: self.max_images]
+        items = [(p.sample.image, p.sample.keypoints, p.keypoints, p.sample.task) for p in kept]
+        grid = overlay_grid(items, kept[0].sample.point_names, columns=self.columns)
+        path = self.output_dir / "overlays" / f"{split}_step{trainer.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        log_artifact(trainer, path, "overlays")
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        self._draw(trainer, module, "val")
+
+    def on_test_epoch_end(self, trainer, module) -> None:
+        self._draw(trainer, module, "test")

@@ -1,0 +1,142 @@
+"""LightningDataModule for keypoint datasets in KALIE's format (generated or on disk).
+
+It knows nothing of models: the LightningModule hands it a `collate` function (backbone processor + head codec)
+before the loaders are built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from affordvla.data.kalie import KalieEntry, KalieFormatError, kalie_split, load_kalie_sample, read_kalie_index
+from affordvla.data.sample import KeypointSample
+from affordvla.data.sampling import StepResumableSampler
+from affordvla.data.toy_kalie import SPLITS_FILE, ensure_toy_kalie
+
+log = logging.getLogger(__name__)
+
+
+class KeypointDataset(Dataset):
+    """Entries of one split; samples are loaded on first access and kept (datasets here are small images)."""
+
+    def __init__(self, entries: list[KalieEntry], cache: bool = True):
+        self.entries = entries
+        self.cache = cache
+        self._samples: dict[int, KeypointSample] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> KeypointSample:
+        if index in self._samples:
+            return self._samples[index]
+        sample = load_kalie_sample(self.entries[index])
+        if self.cache:
+            self._samples[index] = sample
+        return sample
+
+
+class KalieDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        name: str = "kalie",
+        generate: dict[str, Any] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        on_error: str = "raise",
+        split_seed: int = 2023,
+        train_fraction: float = 0.8,
+        sampler_seed: int = 0,
+        max_val_samples: int | None = None,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.name = name
+        self.generate = generate
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.on_error = on_error
+        self.split_seed = split_seed
+        self.train_fraction = train_fraction
+        self.sampler_seed = sampler_seed
+        self.max_val_samples = max_val_samples
+        self.collate: Callable[[list[KeypointSample]], Any] | None = None
+        self.splits: dict[str, KeypointDataset] = {}
+        self.num_skipped = 0
+
+    def prepare_data(self) -> None:
+        if self.generate is not None:
+            ensure_toy_kalie(self.root, **self.generate)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.prepare_data()  # idempotent; also covers callers that skip the Trainer
+        entries, self.num_skipped = read_kalie_index(self.root, on_error=self.on_error)
+        by_key = {e.key: e for e in entries}
+        split_file = self.root / SPLITS_FILE
+        if split_file.exists():
+            keys = json.loads(split_file.read_text())
+            missing = [k for ks in keys.values() for k in ks if k not in by_key]
+            if missing and self.on_error == "raise":
+                raise KalieFormatError(f"{split_file} names entries missing from the index: {missing[:5]}")
+            keys = {split: [k for k in ks if k in by_key] for split, ks in keys.items()}
+        else:
+            # KALIE's own split: seeded 80/20, and its validation set is its test set.
+            train, test = kalie_split(list(by_key), seed=self.split_seed, train_fraction=self.train_fraction)
+            keys = {"train": train, "val": test, "test": test}
+        self.splits = {split: KeypointDataset([by_key[k] for k in ks]) for split, ks in keys.items()}
+        log.info("dataset %s: %s", self.root, {s: len(d) for s, d in self.splits.items()})
+
+    # --- statistics the rest of the framework derives from the data -----------------------------------------
+    def train_keypoint_mean(self) -> np.ndarray:
+        """Mean keypoints of the training split: the 'predict the mean' baseline."""
+        train = self.splits["train"]
+        return np.mean([train[i].keypoints for i in range(len(train))], axis=0)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"root": str(self.root), "sizes": {s: len(d) for s, d in self.splits.items()},
+                "skipped": self.num_skipped}
+
+    # --- loaders ------------------------------------------------------------------------------------------
+    def _require_collate(self) -> Callable:
+        if self.collate is None:
+            raise RuntimeError("KalieDataModule.collate is unset: the LightningModule provides it in setup()")
+        return self.collate
+
+    def _batches_done(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.splits["train"]
+        sampler = StepResumableSampler(len(dataset), self.batch_size, self.sampler_seed, self._batches_done)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          collate_fn=self._require_collate(), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, split: str, limit: int | None = None) -> DataLoader:
+        dataset = self.splits[split]
+        if limit is not None and limit < len(dataset):
+            dataset = KeypointDataset(dataset.entries[:limit])
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self._require_collate(), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val", self.max_val_samples)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,1 @@
+"""Metrics: keypoint errors, KALIE's offline score, and the baselines they are reported against."""

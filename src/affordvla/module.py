@@ -1,0 +1,165 @@
+"""AffordVLAModule: one LightningModule for backbone + head, whatever the pair.
+
+Objects are injected from config: the backbone (built by its factory), the head, the optimiser and scheduler
+as partials, and per-part learning rates. The module owns the batch layout (`collate`) because it is the
+place where the backbone's processor and the head's codec meet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from affordvla.backbones.base import VLMBackbone
+from affordvla.data.sample import KeypointSample
+from affordvla.evaluation.keypoints import KeypointEvaluator
+from affordvla.heads.keypoint_text import KeypointTextHead
+
+log = logging.getLogger(__name__)
+
+
+class KeypointBatchCollator:
+    """Samples -> model inputs. Pixel tensors are cached per image (the toy datasets fit in memory, and
+    preprocessing is the slowest part of a tiny model's step)."""
+
+    def __init__(self, backbone: VLMBackbone, head: KeypointTextHead, cache_pixels: bool = True):
+        self.backbone = backbone
+        self.head = head
+        self.cache_pixels = cache_pixels
+        self._pixels: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _pixel_values(self, samples: list[KeypointSample]) -> torch.Tensor:
+        if not self.cache_pixels:
+            return self.backbone.preprocess_images([s.image for s in samples])
+        keys = [(str(s.meta.get("source")), str(s.meta.get("entry"))) for s in samples]
+        missing = [i for i, k in enumerate(keys) if k not in self._pixels]
+        if missing:
+            fresh = self.backbone.preprocess_images([samples[i].image for i in missing])
+            for i, tensor in zip(missing, fresh):
+                self._pixels[keys[i]] = tensor
+        return torch.stack([self._pixels[k] for k in keys])
+
+    def __call__(self, samples: list[KeypointSample]) -> dict[str, Any]:
+        prompts = [self.head.prompt(s) for s in samples]
+        answers = [self.head.target_text(s) for s in samples]
+        return {
+            "pixel_values": self._pixel_values(samples),
+            "inputs": self.backbone.build_inputs(prompts, answers),
+            "samples": samples,
+        }
+
+
+class AffordVLAModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: VLMBackbone,
+        head: KeypointTextHead,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        part_lr: dict[str, float] | None = None,
+        freeze: list[str] | None = None,
+        num_overlays: int = 8,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head.bind(backbone)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.part_lr = dict(part_lr or {})
+        if freeze:
+            backbone.freeze(list(freeze))
+        self.num_overlays = num_overlays
+        self.evaluators: dict[str, KeypointEvaluator] = {}
+        self.mean_keypoints: np.ndarray | None = None
+        self.last_metrics: dict[str, dict[str, float]] = {}
+
+    # --- data plumbing ------------------------------------------------------------------------------------
+    def make_collate(self) -> KeypointBatchCollator:
+        return KeypointBatchCollator(self.backbone, self.head)
+
+    def on_fit_start(self) -> None:
+        self.backbone.train()  # from_pretrained leaves models in eval mode
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            if datamodule.collate is None:
+                datamodule.collate = self.make_collate()
+            datamodule.setup(stage)
+            self.mean_keypoints = datamodule.train_keypoint_mean()
+
+    # --- training -----------------------------------------------------------------------------------------
+    def _answer_logits(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["inputs"]["labels"]
+        # Answers are right-aligned after a left-padded prefix: only the last columns need LM logits.
+        first_answer = int((labels != -100).float().argmax(dim=1).min())
+        keep = labels.shape[1] - first_answer + 1
+        output = self.backbone(batch["pixel_values"], batch["inputs"], logits_to_keep=keep)
+        return output.logits, labels
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        logits, labels = self._answer_logits(batch)
+        losses = self.head.loss(logits, labels)
+        batch_size = len(batch["samples"])
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
+        self.log("train/token_accuracy", losses["token_accuracy"], batch_size=batch_size)
+        return losses["loss"]
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+    def _evaluate_batch(self, batch, split: str) -> None:
+        logits, labels = self._answer_logits(batch)
+        losses = self.head.loss(logits, labels)
+        self.log(f"{split}/loss", losses["loss"], batch_size=len(batch["samples"]), sync_dist=True)
+        texts, predictions = self.head.predict(self.backbone, batch["pixel_values"], batch["samples"])
+        self.evaluators[split].add(batch["samples"], texts, predictions)
+
+    def _start_eval(self, split: str) -> None:
+        self.evaluators[split] = KeypointEvaluator(self.mean_keypoints)
+
+    def _end_eval(self, split: str) -> None:
+        metrics = self.evaluators[split].compute()
+        self.last_metrics[split] = metrics
+        for name, value in metrics.items():
+            self.log(f"{split}/{name}", value, prog_bar=name == "keypoint_error", sync_dist=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    # --- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = []
+        for part, params in self.backbone.parameter_parts().items():
+            if params:
+                group = {"params": params, "name": part}
+                if part in self.part_lr:
+                    group["lr"] = self.part_lr[part]
+                groups.append(group)
+        unknown = sorted(set(self.part_lr) - {g["name"] for g in groups} - set(self.backbone.part_prefixes))
+        if unknown:
+            raise ValueError(f"part_lr names unknown parts {unknown}; valid: {sorted(self.backbone.part_prefixes)}")
+        optimizer = self.optimizer_factory(params=groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

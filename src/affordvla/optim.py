@@ -1,0 +1,24 @@
+"""Learning-rate schedules, built from config as partials that receive the optimizer and the run length."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05,
+                  min_lr_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up over `warmup_fraction` of the run, then cosine decay to `min_lr_ratio` x the peak."""
+    if total_steps is None or total_steps <= 0:
+        raise ValueError("warmup_cosine needs trainer.max_steps > 0 to know the run length")
+    warmup = max(1, int(round(warmup_fraction * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)

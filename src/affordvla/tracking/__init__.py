@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow setup, run records and the pictures logged with them."""

@@ -1,0 +1,130 @@
+"""affordvla-train: the one entrypoint. Composes the config, instantiates data, backbone, head and trainer,
+trains, evaluates on the held-out split, and returns the optimised metric (so Hydra sweepers need no glue)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from affordvla.callbacks import log_artifact
+from affordvla.checkpointing import SafetensorsCheckpointIO
+from affordvla.tracking.run_record import flatten_params, run_tags, write_run_files
+
+log = logging.getLogger("affordvla.train")
+CONFIG_DIR = os.environ.get("AFFORDVLA_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+def _instantiate_group(group: DictConfig | None, **kwargs) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, loggers) that has a _target_."""
+    if not group:
+        return []
+    return [instantiate(entry, **kwargs) for entry in group.values() if isinstance(entry, DictConfig)
+            and "_target_" in entry]
+
+
+def _hydra_runtime() -> tuple[dict[str, Any], list[str], Path]:
+    runtime = HydraConfig.get().runtime
+    choices = dict(runtime.choices)
+    overrides = list(HydraConfig.get().overrides.task)
+    return choices, overrides, Path(runtime.output_dir)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job from a composed config; returns every logged metric."""
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    choices, overrides, output_dir = _hydra_runtime()
+
+    datamodule = instantiate(cfg.dataset)
+    backbone = instantiate(cfg.backbone)
+    head = instantiate(cfg.head)
+    module = instantiate(cfg.module, backbone=backbone, head=head)
+    datamodule.collate = module.make_collate()
+
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    tags = run_tags(choices, cfg.task_name)
+    loggers = _instantiate_group(cfg.get("logger"), tags=tags)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[SafetensorsCheckpointIO()])
+
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    run_files = write_run_files(cfg, output_dir, overrides, {
+        "tags": tags, "dataset": datamodule.metadata(), "backbone_source": backbone.source,
+    })
+    for logger in loggers:
+        logger.log_hyperparams(flatten_params(cfg))
+    if loggers:
+        for path in run_files.values():
+            log_artifact(trainer, path, "run")
+
+    metrics: dict[str, float] = {}
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if cfg.test:
+        trainer.test(module, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    metrics["train_seconds"] = time.perf_counter() - started
+
+    if cfg.get("export_dir") and cfg.train and not trainer.fast_dev_run:
+        backbone.save_pretrained(cfg.export_dir)
+    metrics_file = output_dir / "metrics.json"
+    metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if loggers:
+        for logger in loggers:
+            logger.log_metrics({"train_seconds": metrics["train_seconds"]})
+        log_artifact(trainer, metrics_file, "run")
+    _report(metrics)
+    return metrics
+
+
+def _report(metrics: dict[str, float]) -> None:
+    shown = {k: v for k, v in metrics.items() if k.startswith("test/") or k == "train_seconds"}
+    if shown:
+        log.info("results: %s", json.dumps({k: round(v, 4) for k, v in sorted(shown.items())}))
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train, always closing the loggers (one failed job must not break a multirun), and return the metric."""
+    try:
+        metrics = train(cfg)
+    finally:
+        _close_mlflow_runs()
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        log.warning("optimized_metric %s was not logged; available: %s", name, sorted(metrics))
+        return None
+    return metrics.get(name) if name else None
+
+
+def _close_mlflow_runs() -> None:
+    try:
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+    except Exception:  # noqa: BLE001 - closing must never mask the original error
+        log.exception("could not close the MLflow run")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    OmegaConf.resolve(cfg)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
