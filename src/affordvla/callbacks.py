@@ -47,3 +47,15 @@ class KeypointOverlayCallback(L.Callback):
 
     def on_test_epoch_end(self, trainer, module) -> None:
         self._draw(trainer, module, "test")
+
+
+class StopAfterSteps(L.Callback):
+    """Ends training after `steps` optimiser steps while the schedule still plans for `trainer.max_steps`, as
+    when a job is pre-empted: resuming from its last checkpoint must then reproduce the uninterrupted run."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True

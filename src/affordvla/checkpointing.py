@@ -78,7 +78,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
 
 class DirectoryModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint writing `step=000100/` directories instead of `.ckpt` files."""
+    """ModelCheckpoint writing `step_000100/` directories instead of `.ckpt` files."""
 
     FILE_EXTENSION = ""
 

@@ -15,9 +15,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from affordvla.callbacks import log_artifact
+import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
+from affordvla.callbacks import StopAfterSteps, log_artifact
 from affordvla.checkpointing import SafetensorsCheckpointIO
 from affordvla.tracking.run_record import flatten_params, run_tags, write_run_files
 
@@ -53,9 +55,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = instantiate(cfg.module, backbone=backbone, head=head)
     datamodule.collate = module.make_collate()
 
-    callbacks = _instantiate_group(cfg.get("callbacks"))
     tags = run_tags(choices, cfg.task_name)
     loggers = _instantiate_group(cfg.get("logger"), tags=tags)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    if cfg.get("stop_after_steps"):
+        callbacks.append(StopAfterSteps(cfg.stop_after_steps))
+    if not loggers:  # nothing to monitor the learning rate into
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[SafetensorsCheckpointIO()])
 

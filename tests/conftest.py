@@ -1,0 +1,52 @@
+"""Shared fixtures: one tiny pretrained backbone per test session, and composed training configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from affordvla.train import CONFIG_DIR
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory) -> Path:
+    """A tiny PaliGemma with a few steps of the dense pointing stage (fast; learning is tested elsewhere)."""
+    from affordvla.backbones.paligemma.pretrain import build_pointing_paligemma
+
+    out = tmp_path_factory.mktemp("backbones") / "paligemma-tiny"
+    return build_pointing_paligemma(out, steps=3, corpus_size=16, eval_size=4, batch_size=4, scene_size=64,
+                                    image_size=32, patch_size=8)
+
+
+def compose_train(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose the real configs as `affordvla-train` would, with Hydra's runtime info set for `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+@pytest.fixture
+def smoke_overrides(tmp_path, tiny_backbone_dir) -> list[str]:
+    """Small, fast training: the tiny backbone above, a 40-scene generated dataset, 4 steps."""
+    return [
+        "debug=smoke",
+        f"paths.root_dir={tmp_path}",
+        f"backbone.pretrained={tiny_backbone_dir}",
+        "backbone.build=null",
+        "dataset.generate.image_size=64",
+        "callbacks.progress_bar.refresh_rate=0",
+    ]
