@@ -101,7 +101,7 @@ def _shade(colour, factor: float) -> np.ndarray:
 def _table(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.ndarray]:
     """Textured table: base colour, low-frequency shading, optional wood grain or tiles."""
     base = rng.integers(40, 230, 3).astype(np.float32)
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     gx, gy = rng.uniform(-0.25, 0.25, 2)
     shading = 1.0 + gx * (xx - 0.5) + gy * (yy - 0.5)
     image = base[None, None, :] * shading[..., None]
@@ -114,7 +114,7 @@ def _table(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.ndarray
         n = rng.integers(3, 7)
         tiles = ((xx * n).astype(int) + (yy * n).astype(int)) % 2
         image *= (1.0 - 0.08 * tiles)[..., None]
-    image += rng.normal(0, 4, image.shape)
+    image += rng.normal(0, 4, image.shape).astype(np.float32)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), base
 
 
@@ -156,7 +156,7 @@ def _table_sample(canvas: _Canvas, centre) -> tuple[int, int, int]:
 
 def _sweeping(canvas: _Canvas, rng, table, layout) -> np.ndarray:
     brush_c, trash_c = layout
-    handle_len, handle_w = rng.uniform(0.16, 0.26), rng.uniform(0.025, 0.04)
+    handle_len, handle_w = rng.uniform(0.16, 0.26), rng.uniform(0.03, 0.045)
     head_len, head_w = rng.uniform(0.05, 0.08), rng.uniform(0.09, 0.15)
     direction = trash_c - brush_c
     angle = math.atan2(direction[1], direction[0]) + rng.uniform(-0.4, 0.4)
@@ -170,8 +170,13 @@ def _sweeping(canvas: _Canvas, rng, table, layout) -> np.ndarray:
         y = (k - 2) / 5 * head_w
         line = _place(_rect(head_len * 0.8, head_w * 0.04, head_len * 0.1) + [0, y], brush_c, angle)
         canvas.polygon(line, _shade(head_colour, 0.6))
-    trash = _place(_blob(rng, rng.uniform(0.025, 0.045)), trash_c, rng.uniform(0, 2 * math.pi))
-    canvas.polygon(trash, _colour(rng, table), owner="trash")
+    # trash: a little pile of scraps (3-6 bits) around trash_c; the Target Point is the pile's centre
+    trash_colour = _colour(rng, table)
+    spread = rng.uniform(0.025, 0.04)
+    for _ in range(int(rng.integers(3, 7))):
+        bit_centre = trash_c + rng.uniform(-spread, spread, 2)
+        bit = _place(_blob(rng, rng.uniform(0.012, 0.02), n=6), bit_centre, rng.uniform(0, 2 * math.pi))
+        canvas.polygon(bit, _shade(trash_colour, rng.uniform(0.8, 1.2)), owner="trash")
     grasp = _place([[-0.7 * handle_len, 0.0]], brush_c, angle)[0]
     function = _place([[head_len, 0.0]], brush_c, angle)[0]
     sweep = (trash_c - function) / (np.linalg.norm(trash_c - function) + 1e-9)
@@ -205,7 +210,7 @@ def _drawer(canvas: _Canvas, rng, table, layout) -> np.ndarray:
 def _towel(canvas: _Canvas, rng, table, layout) -> np.ndarray:
     cloth_c, rack_c = layout
     rack_angle = rng.uniform(0, 2 * math.pi)
-    bar_len, bar_w = rng.uniform(0.22, 0.34), rng.uniform(0.02, 0.035)
+    bar_len, bar_w = rng.uniform(0.22, 0.34), rng.uniform(0.028, 0.04)
     rack_colour = _colour(rng, table)
     canvas.polygon(_place(_rect(bar_len, bar_w, -bar_len / 2), rack_c, rack_angle), rack_colour, owner="rack")
     for end in (-bar_len / 2, bar_len / 2):
@@ -228,7 +233,7 @@ def _towel(canvas: _Canvas, rng, table, layout) -> np.ndarray:
 def _pouring(canvas: _Canvas, rng, table, layout) -> np.ndarray:
     scoop_c, bowl_c = layout
     angle = rng.uniform(0, 2 * math.pi)
-    handle_len, handle_w = rng.uniform(0.12, 0.2), rng.uniform(0.02, 0.035)
+    handle_len, handle_w = rng.uniform(0.12, 0.2), rng.uniform(0.028, 0.04)
     scoop_r = rng.uniform(0.04, 0.06)
     scoop_colour = _colour(rng, table)
     canvas.polygon(_place(_rect(handle_len, handle_w, -handle_len), scoop_c, angle), scoop_colour,
@@ -290,7 +295,7 @@ def make_scene(rng: np.random.Generator, task: str, size: int = 128, max_distrac
     """One scene of `task`; retried until every keypoint lies inside the image margin."""
     drawer, radii = _DRAWERS[task]
     for _ in range(100):
-        background, table_colour = _table(rng, size * SUPERSAMPLE)
+        background, table_colour = _table(rng, size)  # upsampled by the canvas; texture needs no 2x detail
         canvas = _Canvas(size, background)
         _draw_distractors(canvas, rng, table_colour, int(rng.integers(0, max_distractors + 1)))
         keypoints = drawer(canvas, rng, table_colour, _layout(rng, radii))
