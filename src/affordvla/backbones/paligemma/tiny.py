@@ -34,7 +34,6 @@ BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
 SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
 IMAGE_TOKEN = "<image>"
-POSITION_SCALE = float(__import__("os").environ.get("AFFORDVLA_POS_SCALE", "0.2"))
 
 
 def build_tokenizer(bpe_vocab_size: int = 800) -> GemmaTokenizer:
@@ -85,8 +84,8 @@ def tiny_config(
     vocab_size: int,
     image_token_id: int,
     *,
-    image_size: int = 64,
-    patch_size: int = 8,
+    image_size: int = 128,
+    patch_size: int = 16,
     hidden_size: int = 128,
     vision_layers: int = 3,
     text_layers: int = 3,
@@ -156,9 +155,7 @@ def _initialise_for_pointing(model: PaliGemmaForConditionalGeneration, tokenizer
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
     embeddings = model.model.vision_tower.embeddings
-    # Scaled so image content, not position, dominates the first LayerNorm: a patch embedding's variation
-    # across tokens is ~1-2 at init, and unit-amplitude sin-cos (norm sqrt(d/2)) would drown it.
-    embeddings.position_embedding.weight.copy_(POSITION_SCALE * sincos_2d(grid, vision.hidden_size))
+    embeddings.position_embedding.weight.copy_(sincos_2d(grid, vision.hidden_size))
     table = model.model.language_model.embed_tokens.weight
     first_loc = tokenizer.convert_tokens_to_ids(LOC_TOKENS[0])
     # Gemma multiplies input embeddings by sqrt(hidden); keep loc codes at the scale of the other rows.
