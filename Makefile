@@ -6,14 +6,17 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 BENCH ?=
 PYTEST_ARGS ?=
+LOCAL_TORCH ?= 2.13.0
 
 .PHONY: setup train test test-fast bench clean-outputs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	@# Prefer a CPU build of torch from a local wheel folder (pip's find-links) when one is there; elsewhere
-	@# pip resolves torch from the index within pyproject's open range.
-	$(PY) -m pip install --quiet --no-index "torch==2.13.0" 2>/dev/null || echo "no local torch wheel: using the index"
+	@# Prefer the CPU build of torch from a local wheel folder (pip's find-links) where there is one: --no-index
+	@# --no-deps succeeds only then, and the next install adds torch's own dependencies from the index.
+	@# Elsewhere pip resolves torch within pyproject's open range.
+	$(PY) -m pip install --quiet --no-index --no-deps "torch==$(LOCAL_TORCH)" 2>/dev/null \
+		|| echo "no local torch $(LOCAL_TORCH) wheel: torch comes from the index"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

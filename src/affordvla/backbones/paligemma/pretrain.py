@@ -96,7 +96,7 @@ def _pixels(scenes: list[Scene], size: int) -> torch.Tensor:
 def build_pointing_paligemma(
     out_dir: str | Path,
     *,
-    steps: int = 2000,
+    steps: int = 1500,
     corpus_size: int = 4000,
     eval_size: int = 200,
     batch_size: int = 32,
