@@ -146,7 +146,7 @@ def build_pointing_paligemma(
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == steps - 1:
-            history.append({"step": step, **{k: float(v) for k, v in losses.items()}})
+            history.append({"step": step, **{k: v.item() for k, v in losses.items()}})
     tower.eval()
     with torch.no_grad():
         predicted = head.predict(tower(eval_pixels).last_hidden_state, grid).numpy()
