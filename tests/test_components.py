@@ -156,3 +156,20 @@ def test_save_load_round_trip_is_bit_exact(backbone, tmp_path):
     inputs = backbone.build_inputs(["Close the drawer."], ["<loc0001>"])
     with torch.no_grad():
         assert torch.equal(backbone(pixels, inputs).logits, again(pixels, inputs).logits)
+
+
+def test_collator_caches_pixels_only_for_samples_that_name_their_image(backbone):
+    from affordvla.module import KeypointBatchCollator
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2)]
+    keypoints = np.full((5, 2), 0.5)
+    collate = KeypointBatchCollator(backbone, KeypointTextHead())
+    named = [KeypointSample(im, "Close the drawer.", keypoints, meta={"source": "s", "entry": f"e{i}"})
+             for i, im in enumerate(images)]
+    first = collate(named)["pixel_values"]
+    assert len(collate._pixels) == 2
+    assert torch.equal(collate(named[::-1])["pixel_values"], first.flip(0))  # served from the cache, in order
+    anonymous = [KeypointSample(im, "Close the drawer.", keypoints) for im in images[::-1]]
+    assert torch.equal(collate(anonymous)["pixel_values"], first.flip(0))  # no meta: preprocessed afresh
+    assert len(collate._pixels) == 2

@@ -36,7 +36,9 @@ class KeypointBatchCollator:
     def _pixel_values(self, samples: list[KeypointSample]) -> torch.Tensor:
         if not self.cache_pixels:
             return self.backbone.preprocess_images([s.image for s in samples])
-        keys = [(str(s.meta.get("source")), str(s.meta.get("entry"))) for s in samples]
+        keys = [(s.meta.get("source"), s.meta.get("entry")) for s in samples]
+        if any(None in key for key in keys):  # samples that cannot name their image are never cached
+            return self.backbone.preprocess_images([s.image for s in samples])
         missing = [i for i, k in enumerate(keys) if k not in self._pixels]
         if missing:
             fresh = self.backbone.preprocess_images([samples[i].image for i in missing])

@@ -12,7 +12,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -46,7 +45,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns every logged metric."""
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     choices, overrides, output_dir = _hydra_runtime()
 
     datamodule = instantiate(cfg.dataset)
