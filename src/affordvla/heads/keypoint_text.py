@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -95,13 +94,4 @@ class KeypointTextHead(nn.Module):
         texts = backbone.generate(pixel_values, [self.prompt(s) for s in samples],
                                   max_new_tokens=self.max_new_tokens(backbone, samples[0]))
         return texts, [self.codec.try_decode(t) for t in texts]
-
-
-def keypoint_errors(predictions: list[np.ndarray | None], targets: list[np.ndarray]) -> np.ndarray:
-    """Mean L2 distance per sample in normalised image units (NaN where the prediction did not parse)."""
-    out = np.full(len(targets), np.nan)
-    for i, (p, t) in enumerate(zip(predictions, targets)):
-        if p is not None and p.shape == t.shape:
-            out[i] = float(np.linalg.norm(p - t, axis=-1).mean())
-    return out
 
