@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from affordvla.backbones.paligemma.pretrain import build_pointing_paligemma
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
 from affordvla.data.tabletop import make_scenes
 from affordvla.data.sample import KeypointSample

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie import KalieEntry, KalieFormatError, kalie_split, load_kalie_sample, read_kalie_index
 from affordvla.data.sample import KeypointSample
 from affordvla.data.sampling import StepResumableSampler
@@ -102,8 +103,9 @@ class KalieDataModule(L.LightningDataModule):
     # --- statistics the rest of the framework derives from the data -----------------------------------------
     def train_keypoint_mean(self) -> np.ndarray:
         """Mean keypoints of the training split: the 'predict the mean' baseline."""
-        train = self.splits["train"]
-        return np.mean([train[i].keypoints for i in range(len(train))], axis=0)
+        # From the index entries: no image needs to be opened for this.
+        points = [list(entry.points.values()) for entry in self.splits["train"].entries]
+        return np.mean(np.asarray(points, dtype=np.float64) / KALIE_SCALE, axis=0).astype(np.float32)
 
     def metadata(self) -> dict[str, Any]:
         return {"root": str(self.root), "sizes": {s: len(d) for s, d in self.splits.items()},

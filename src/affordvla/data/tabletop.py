@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KALIE_POINT_NAMES
 
 SUPERSAMPLE = 2
 MARGIN = 0.06  # keypoints and objects stay this far (normalised) inside the image

@@ -69,7 +69,7 @@ def ensure_toy_kalie(
     index = 0
     total = sum(splits.values())
     with tqdm(total=total, desc=f"generating toy KALIE data in {root}", unit="scene") as bar:
-        for split_number, (split, count) in enumerate(splits.items()):
+        for split, count in splits.items():
             stream = int.from_bytes(hashlib.sha256(f"{seed}/{split}".encode()).digest()[:8], "little")
             rng = np.random.default_rng(stream)
             split_keys[split] = []
