@@ -31,13 +31,14 @@ class KeypointBatchCollator:
         self.backbone = backbone
         self.head = head
         self.cache_pixels = cache_pixels
-        self._pixels: dict[tuple[str, str], torch.Tensor] = {}
+        self._pixels: dict[tuple[str, str, str], torch.Tensor] = {}
 
     def _pixel_values(self, samples: list[KeypointSample]) -> torch.Tensor:
         if not self.cache_pixels:
             return self.backbone.preprocess_images([s.image for s in samples])
-        keys = [(s.meta.get("source"), s.meta.get("entry")) for s in samples]
-        if any(None in key for key in keys):  # samples that cannot name their image are never cached
+        keys = [(s.meta.get("source"), s.meta.get("entry"), s.meta.get("view", "full")) for s in samples]
+        # samples that cannot name their image, and randomly augmented ones, are never cached
+        if any(None in key or key[2] == "augmented" for key in keys):
             return self.backbone.preprocess_images([s.image for s in samples])
         missing = [i for i, k in enumerate(keys) if k not in self._pixels]
         if missing:

@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.kalie import SCALE as KALIE_SCALE
+from affordvla.data.kalie_augment import KalieAugmentation, centre_crop
 from affordvla.data.kalie import KalieEntry, KalieFormatError, kalie_split, load_kalie_sample, read_kalie_index
 from affordvla.data.sample import KeypointSample
 from affordvla.data.sampling import StepResumableSampler
@@ -26,22 +27,42 @@ log = logging.getLogger(__name__)
 
 
 class KeypointDataset(Dataset):
-    """Entries of one split; samples are loaded on first access and kept (datasets here are small images)."""
+    """Entries of one split; samples are loaded on first access and kept (datasets here are small images).
 
-    def __init__(self, entries: list[KalieEntry], cache: bool = True):
+    Evaluation splits may take a fixed `centre_crop_fraction` (KALIE's 450/700 view). The training split may
+    take an `augmentation`; it is then indexed by `(index, epoch)` pairs and seeds each draw from
+    (seed, epoch, index), so augmentations are reproducible and a resumed run sees the same ones.
+    """
+
+    def __init__(self, entries: list[KalieEntry], cache: bool = True, *,
+                 augmentation: KalieAugmentation | None = None, augmentation_seed: int = 0,
+                 centre_crop_fraction: float | None = None):
         self.entries = entries
         self.cache = cache
+        self.augmentation = augmentation
+        self.augmentation_seed = augmentation_seed
+        self.centre_crop_fraction = centre_crop_fraction
         self._samples: dict[int, KeypointSample] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> KeypointSample:
+    def _raw(self, index: int) -> KeypointSample:
         if index in self._samples:
             return self._samples[index]
         sample = load_kalie_sample(self.entries[index])
         if self.cache:
             self._samples[index] = sample
+        return sample
+
+    def __getitem__(self, key: int | tuple[int, int]) -> KeypointSample:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        sample = self._raw(index)
+        if self.augmentation is not None:
+            rng = np.random.default_rng([self.augmentation_seed, epoch, index])
+            return self.augmentation(sample, rng)
+        if self.centre_crop_fraction is not None:
+            return centre_crop(sample, self.centre_crop_fraction)
         return sample
 
 
@@ -59,6 +80,8 @@ class KalieDataModule(L.LightningDataModule):
         train_fraction: float = 0.8,
         sampler_seed: int = 0,
         max_val_samples: int | None = None,
+        augmentation: KalieAugmentation | None = None,
+        eval_centre_crop: float | None = None,
     ):
         super().__init__()
         self.root = Path(root)
@@ -72,6 +95,11 @@ class KalieDataModule(L.LightningDataModule):
         self.train_fraction = train_fraction
         self.sampler_seed = sampler_seed
         self.max_val_samples = max_val_samples
+        self.augmentation = augmentation
+        # KALIE trains on augmented crops and evaluates on the centre crop; the augmentation's crop is the default
+        if eval_centre_crop is None and augmentation is not None:
+            eval_centre_crop = augmentation.crop_fraction
+        self.eval_centre_crop = eval_centre_crop
         self.collate: Callable[[list[KeypointSample]], Any] | None = None
         self.splits: dict[str, KeypointDataset] = {}
         self.num_skipped = 0
@@ -97,15 +125,26 @@ class KalieDataModule(L.LightningDataModule):
             # KALIE's own split: seeded 80/20, and its validation set is its test set.
             train, test = kalie_split(list(by_key), seed=self.split_seed, train_fraction=self.train_fraction)
             keys = {"train": train, "val": test, "test": test}
-        self.splits = {split: KeypointDataset([by_key[k] for k in ks]) for split, ks in keys.items()}
+        self.splits = {
+            split: KeypointDataset(
+                [by_key[k] for k in ks],
+                augmentation=self.augmentation if split == "train" else None,
+                augmentation_seed=self.sampler_seed,
+                centre_crop_fraction=None if split == "train" else self.eval_centre_crop,
+            )
+            for split, ks in keys.items()
+        }
         log.info("dataset %s: %s", self.root, {s: len(d) for s, d in self.splits.items()})
 
     # --- statistics the rest of the framework derives from the data -----------------------------------------
     def train_keypoint_mean(self) -> np.ndarray:
-        """Mean keypoints of the training split: the 'predict the mean' baseline."""
+        """Mean keypoints of the training split, in the evaluation view: the 'predict the mean' baseline."""
         # From the index entries: no image needs to be opened for this.
         points = [list(entry.points.values()) for entry in self.splits["train"].entries]
-        return np.mean(np.asarray(points, dtype=np.float64) / KALIE_SCALE, axis=0).astype(np.float32)
+        mean = np.mean(np.asarray(points, dtype=np.float64) / KALIE_SCALE, axis=0)
+        if self.eval_centre_crop is not None:  # a centred crop of fraction f maps p to (p - (1 - f) / 2) / f
+            mean = (mean - (1 - self.eval_centre_crop) / 2) / self.eval_centre_crop
+        return mean.astype(np.float32)
 
     def metadata(self) -> dict[str, Any]:
         return {"root": str(self.root), "sizes": {s: len(d) for s, d in self.splits.items()},
@@ -125,7 +164,8 @@ class KalieDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.splits["train"]
-        sampler = StepResumableSampler(len(dataset), self.batch_size, self.sampler_seed, self._batches_done)
+        sampler = StepResumableSampler(len(dataset), self.batch_size, self.sampler_seed, self._batches_done,
+                                       with_epoch=dataset.augmentation is not None)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           collate_fn=self._require_collate(), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
@@ -133,7 +173,7 @@ class KalieDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str, limit: int | None = None) -> DataLoader:
         dataset = self.splits[split]
         if limit is not None and limit < len(dataset):
-            dataset = KeypointDataset(dataset.entries[:limit])
+            dataset = KeypointDataset(dataset.entries[:limit], centre_crop_fraction=dataset.centre_crop_fraction)
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=self._require_collate(), num_workers=self.num_workers)
 

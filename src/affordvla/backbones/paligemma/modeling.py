@@ -1,7 +1,10 @@
 """PaliGemma (1 and 2) through transformers' own classes.
 
 Prompt layout, as PaliGemma was trained: `<image>` x N, `<bos>`, the prefix text, `\n`, then the answer and
-`<eos>`. The prefix (image + prompt) attends bidirectionally (token_type_ids = 0), the answer causally.
+`<eos>`. With `prefix_lm=True` (how PaliGemma was pre-trained; keep it for real checkpoints) the prefix (image +
+prompt) attends bidirectionally (token_type_ids = 0) and the answer causally. `prefix_lm=False` makes every
+token causal: a randomly initialised tiny model learns to read positions out of the image in a few hundred
+steps that way, and not at all in the same steps with the bidirectional prefix (docs/tiny-vlm-learning-log.md).
 """
 
 from __future__ import annotations
@@ -42,13 +45,18 @@ class PaliGemmaBackbone(VLMBackbone):
         "language_model": ("model.language_model.", "lm_head."),
     }
 
+    def __init__(self, model, processor, source: str, prefix_lm: bool = True):
+        super().__init__(model, processor, source)
+        self.prefix_lm = prefix_lm
+
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32", **kwargs) -> PaliGemmaBackbone:
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32", prefix_lm: bool = True,
+                        **kwargs) -> PaliGemmaBackbone:
         read_checkpoint_config(path, "paligemma")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
         processor = AutoProcessor.from_pretrained(path)
-        return cls(model, processor, str(path))
+        return cls(model, processor, str(path), prefix_lm=prefix_lm)
 
     @property
     def hidden_size(self) -> int:
@@ -88,6 +96,8 @@ class PaliGemmaBackbone(VLMBackbone):
             start = prefix_len - len(prefix)
             input_ids[i, start:prefix_len] = torch.tensor(prefix)
             attention_mask[i, start : prefix_len + len(suffix)] = 1
+            if not self.prefix_lm:
+                token_type_ids[i, start:prefix_len] = 1  # type 1 everywhere: plain causal attention
             if suffix:
                 input_ids[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
                 token_type_ids[i, prefix_len : prefix_len + len(suffix)] = 1

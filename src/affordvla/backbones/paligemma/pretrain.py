@@ -4,7 +4,7 @@ A tiny transformer trained from scratch does not discover, through attention poo
 image hold the answer (shared/notes/tiny-vlm-localization.md). A dense per-patch objective teaches the vision
 tower where things are within a minute. This stage trains the SigLIP tower on procedural tabletop scenes (a seed
 stream disjoint from every dataset split) to predict, for every patch: which object it shows (segmentation), which
-patch holds each kind of keypoint and where inside that patch (a CenterNet-style heatmap + offset). The
+patch holds each kind of keypoint and where inside that patch (a heatmap, plus each patch's vote for where every keypoint lies relative to it). The
 temporary dense head is discarded; the checkpoint keeps PaliGemma's exact layout. The stage is an MLflow run of
 its own, so the "pretrained" checkpoint is as traceable as any fine-tuning run.
 """
@@ -35,55 +35,72 @@ OBJECT_NAMES = sorted({name for task in TASKS.values() for name in task.objects}
 @dataclass
 class DenseTargets:
     patch_index: torch.Tensor  # (N, K) patch holding each keypoint
-    offset: torch.Tensor  # (N, K, 2) position inside that patch, in [0, 1)
+    votes: torch.Tensor  # (N, P, K, 2) displacement from each patch centre to each keypoint (normalised units)
+    vote_weight: torch.Tensor  # (N, P, K) how much each patch's vote counts: patches near the keypoint
     segmentation: torch.Tensor  # (N, P) object class per patch (0 = table or clutter)
 
+    def __getitem__(self, rows) -> DenseTargets:
+        return DenseTargets(self.patch_index[rows], self.votes[rows], self.vote_weight[rows], self.segmentation[rows])
 
-def dense_targets(scenes: list[Scene], grid: int) -> DenseTargets:
-    keypoints = torch.tensor(np.stack([s.keypoints for s in scenes]))
+
+def patch_centres(grid: int) -> torch.Tensor:
+    """(P, 2) normalised (x, y) centre of every patch, row-major like SigLIP's patch order."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return (torch.stack([xs.reshape(-1), ys.reshape(-1)], -1).float() + 0.5) / grid
+
+
+def dense_targets(scenes: list[Scene], grid: int, vote_radius: float = 0.2) -> DenseTargets:
+    keypoints = torch.tensor(np.stack([s.keypoints for s in scenes])).float()
     cell = (keypoints * grid).clamp(0, grid - 1e-4)
     index = cell[..., 1].long() * grid + cell[..., 0].long()
+    votes = keypoints[:, None, :, :] - patch_centres(grid)[None, :, None, :]
+    vote_weight = torch.exp(-(votes**2).sum(-1) / (2 * vote_radius**2))
     segmentation = torch.zeros(len(scenes), grid * grid, dtype=torch.long)
     for row, scene in enumerate(scenes):
         for name, mask in scene.masks.items():
             centres = ((np.arange(grid) + 0.5) * mask.shape[0] / grid).astype(int)
             hit = torch.from_numpy(mask[np.ix_(centres, centres)].reshape(-1))
             segmentation[row][hit] = OBJECT_NAMES.index(name) + 1
-    return DenseTargets(index, cell - cell.floor(), segmentation)
+    return DenseTargets(index, votes, vote_weight, segmentation)
 
 
 class DensePointingHead(nn.Module):
-    def __init__(self, hidden: int, num_points: int):
+    """Per patch: a heatmap logit per keypoint, a vote (displacement to each keypoint) and an object class.
+
+    Votes are local evidence: a patch on the USB stick sees the stick's end and direction, so it can say where the
+    free-space target point lies relative to itself, which a 'which patch holds the point' heatmap alone cannot
+    teach a patch of empty table. A keypoint is read out as the heatmap-weighted mean of the voted positions.
+    """
+
+    def __init__(self, hidden: int, num_points: int, grid: int):
         super().__init__()
         self.num_points = num_points
         self.proj = nn.Linear(hidden, num_points * 3 + len(OBJECT_NAMES) + 1)
+        self.register_buffer("centres", patch_centres(grid), persistent=False)
 
     def forward(self, tokens: torch.Tensor):
         out = self.proj(tokens)  # (B, P, ...)
         k = self.num_points
         heat = out[..., :k].transpose(1, 2)  # (B, K, P)
-        offsets = out[..., k : 3 * k].reshape(*tokens.shape[:2], k, 2)
+        votes = out[..., k : 3 * k].reshape(*tokens.shape[:2], k, 2)
         segmentation = out[..., 3 * k :]
-        return heat, offsets, segmentation
+        return heat, votes, segmentation
 
     def losses(self, tokens: torch.Tensor, targets: DenseTargets) -> dict[str, torch.Tensor]:
-        heat, offsets, segmentation = self(tokens)
-        batch = torch.arange(tokens.shape[0])[:, None]
-        points = torch.arange(self.num_points)[None, :]
-        picked = offsets[batch, targets.patch_index, points]
+        heat, votes, segmentation = self(tokens)
+        vote_error = (votes - targets.votes).abs().sum(-1)
         return {
             "heatmap": F.cross_entropy(heat.flatten(0, 1), targets.patch_index.flatten()),
-            "offset": F.l1_loss(torch.sigmoid(picked), targets.offset),
+            "vote": (vote_error * targets.vote_weight).sum() / targets.vote_weight.sum(),
             "segmentation": F.cross_entropy(segmentation.flatten(0, 1), targets.segmentation.flatten()),
         }
 
     @torch.no_grad()
-    def predict(self, tokens: torch.Tensor, grid: int) -> torch.Tensor:
-        heat, offsets, _ = self(tokens)
-        index = heat.argmax(-1)
-        batch = torch.arange(tokens.shape[0])[:, None]
-        inside = torch.sigmoid(offsets[batch, index, torch.arange(self.num_points)[None, :]])
-        return (torch.stack([index % grid, index // grid], -1).float() + inside) / grid
+    def predict(self, tokens: torch.Tensor) -> torch.Tensor:
+        heat, votes, _ = self(tokens)
+        weights = heat.softmax(-1)  # (B, K, P)
+        voted = self.centres[None, :, None, :] + votes  # (B, P, K, 2)
+        return torch.einsum("bkp,bpkc->bkc", weights, voted)
 
 
 def _pixels(scenes: list[Scene], size: int) -> torch.Tensor:
@@ -125,7 +142,7 @@ def build_pointing_paligemma(
     eval_pixels = _pixels(held_out, vision.image_size)
     eval_truth = np.stack([s.keypoints for s in held_out])
 
-    head = DensePointingHead(vision.hidden_size, eval_truth.shape[1])
+    head = DensePointingHead(vision.hidden_size, eval_truth.shape[1], grid)
     params = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 40)
@@ -137,9 +154,8 @@ def build_pointing_paligemma(
     tower.train()
     for step in tqdm(range(steps), desc="dense pointing pre-training", unit="step"):
         rows = torch.randint(0, len(train), (batch_size,), generator=generator)
-        batch_targets = DenseTargets(targets.patch_index[rows], targets.offset[rows], targets.segmentation[rows])
-        losses = head.losses(tower(pixels[rows]).last_hidden_state, batch_targets)
-        loss = losses["heatmap"] + 5.0 * losses["offset"] + losses["segmentation"]
+        losses = head.losses(tower(pixels[rows]).last_hidden_state, targets[rows])
+        loss = losses["heatmap"] + 10.0 * losses["vote"] + losses["segmentation"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -149,7 +165,7 @@ def build_pointing_paligemma(
             history.append({"step": step, **{k: v.item() for k, v in losses.items()}})
     tower.eval()
     with torch.no_grad():
-        predicted = head.predict(tower(eval_pixels).last_hidden_state, grid).numpy()
+        predicted = head.predict(tower(eval_pixels).last_hidden_state).numpy()
     dense_error = float(np.linalg.norm(predicted - eval_truth, axis=-1).mean())
     seconds = time.perf_counter() - started
     log.info("dense pointing pre-training: held-out keypoint error %.4f after %d steps (%.0f s)",
@@ -182,7 +198,7 @@ def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_err
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     for row in history:
-        for key in ("heatmap", "offset", "segmentation"):
+        for key in ("heatmap", "vote", "segmentation"):
             client.log_metric(run.info.run_id, f"pretrain/{key}", row[key], step=row["step"])
     client.log_metric(run.info.run_id, "pretrain/held_out_keypoint_error", dense_error)
     client.log_metric(run.info.run_id, "pretrain/seconds", seconds)

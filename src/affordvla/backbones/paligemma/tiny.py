@@ -124,7 +124,8 @@ def tiny_config(
     return config
 
 
-def write_tiny_paligemma(out_dir: str | Path, *, seed: int = 0, **config_overrides) -> Path:
+def write_tiny_paligemma(out_dir: str | Path, *, seed: int = 0, mimetic_attention: bool = False,
+                         **config_overrides) -> Path:
     """Build, initialise and save the tiny checkpoint (config.json, model.safetensors, tokenizer, processor)."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
@@ -133,6 +134,9 @@ def write_tiny_paligemma(out_dir: str | Path, *, seed: int = 0, **config_overrid
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
     _initialise_for_pointing(model, tokenizer)
+    if mimetic_attention:
+        for layer in model.model.vision_tower.encoder.layers:
+            mimetic_init(layer.self_attn, config.vision_config.num_attention_heads)
 
     vision = config.vision_config
     num_patches = (vision.image_size // vision.patch_size) ** 2
@@ -148,6 +152,32 @@ def write_tiny_paligemma(out_dir: str | Path, *, seed: int = 0, **config_overrid
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def mimetic_init(attention, num_heads: int, qk: tuple[float, float] = (0.7, 0.7),
+                 vo: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Mimetic initialisation (Trockman & Kolter, 2023): W_q W_k^T ~ a I + b Z per head and W_v W_o ~ a I - b Z,
+    so each attention layer starts by attending to tokens like itself (with sin-cos positions: its neighbours)
+    and mixing them in, the structure a trained ViT has and a small-data ViT otherwise learns slowly."""
+    dim = attention.q_proj.weight.shape[0]
+    head_dim = dim // num_heads
+
+    def factor(alpha: float, beta: float, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+        target = alpha * torch.eye(dim) + sign * beta * torch.randn(dim, dim) / math.sqrt(dim)
+        u, s, vh = torch.linalg.svd(target)
+        return u * s.sqrt(), (s.sqrt()[:, None] * vh)
+
+    for head in range(num_heads):
+        rows = slice(head * head_dim, (head + 1) * head_dim)
+        left, right = factor(*qk, 1.0)  # x^T W_q^T W_k x with W_q = left^T, W_k = right (top head_dim parts)
+        attention.q_proj.weight[rows] = left[:, :head_dim].T
+        attention.k_proj.weight[rows] = right[:head_dim]
+    left, right = factor(*vo, -1.0)  # out_proj @ v_proj = left @ right: every singular pair goes to one head
+    attention.v_proj.weight.copy_(right)
+    attention.out_proj.weight.copy_(left)
+    for proj in (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj):
+        proj.bias.zero_()
 
 
 @torch.no_grad()
