@@ -40,3 +40,22 @@ class KeypointSample:
             raise ValueError(
                 f"{len(self.keypoints)} keypoints but {len(self.point_names)} names in sample {self.meta}"
             )
+
+
+@dataclass
+class ActionWindowSample:
+    """A history window of T observations with, for each of them, the next n actions (RoboVLMs' formulation).
+
+    `images` maps a camera name to (T, H, W, 3) uint8 frames. `actions` is (T, n, D) in the dataset's own units
+    (normalisation belongs to the head); `action_mask[t, j]` is False where step t + j lies past the end of the
+    annotated segment or episode (the action there repeats the last valid one and must not be trained on).
+    `frame_mask[t]` is False for padded history frames.
+    """
+
+    images: dict[str, np.ndarray]
+    instruction: str
+    actions: np.ndarray  # (T, n, D) float32
+    action_mask: np.ndarray  # (T, n) bool
+    frame_mask: np.ndarray  # (T,) bool
+    state: np.ndarray | None = None  # (T, S) proprioception, when the dataset has it
+    meta: dict[str, Any] = field(default_factory=dict)
