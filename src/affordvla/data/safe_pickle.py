@@ -26,7 +26,8 @@ _NUMPY_RECONSTRUCTION = {
         (f"{core}.multiarray", "scalar"),
         (f"{core}.numeric", "_frombuffer"),
     )
-} | {("numpy", "ndarray"), ("numpy", "dtype")}
+} | {("numpy", "ndarray"), ("numpy", "dtype"),
+     ("_codecs", "encode")}  # protocol 0-2 pickles carry array bytes as latin-1 text re-encoded by this
 _NUMPY_DTYPES = {("numpy", name) for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
                                               "uint8", "uint16", "uint32", "uint64", "bool_")}
 NUMPY_GLOBALS: frozenset[tuple[str, str]] = frozenset(_NUMPY_RECONSTRUCTION | _NUMPY_DTYPES)
