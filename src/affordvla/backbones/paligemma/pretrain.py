@@ -110,6 +110,72 @@ def _pixels(scenes: list[Scene], size: int) -> torch.Tensor:
     return (images.clamp(0, 1) - 0.5) / 0.5
 
 
+def object_centres(scene: Scene) -> dict[str, np.ndarray]:
+    """Normalised (x, y) centroid of every object mask of a scene."""
+    centres = {}
+    for name, mask in scene.masks.items():
+        rows, cols = np.nonzero(mask)
+        if len(rows):
+            centres[name] = np.array([(cols.mean() + 0.5) / mask.shape[1], (rows.mean() + 0.5) / mask.shape[0]])
+    return centres
+
+
+def _text_pointing_stage(model, processor, train: list[Scene], held_out: list[Scene], pixels: torch.Tensor,
+                         eval_pixels: torch.Tensor, *, steps: int, batch_size: int, lr: float, tower_lr: float,
+                         seed: int) -> tuple[list[dict], float]:
+    """Teach the whole VLM to answer 'point to the <object>' with the object's centre as `<locY><locX>`.
+
+    This is the generic referring/pointing skill a real PaliGemma brings from pre-training; the KALIE keypoints
+    themselves (task-specific contact points and waypoints) are left for fine-tuning."""
+    from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
+    from affordvla.heads.codecs import PaliGemmaLocCodec
+
+    backbone = PaliGemmaBackbone(model, processor, "pretraining", prefix_lm=False)
+    codec = PaliGemmaLocCodec(point_names=("point",))
+    rng = np.random.default_rng(seed)
+
+    def queries(scenes: list[Scene]) -> list[tuple[str, np.ndarray]]:
+        out = []
+        for scene in scenes:
+            centres = object_centres(scene)
+            name = sorted(centres)[rng.integers(len(centres))]
+            out.append((f"point to the {name}", centres[name]))
+        return out
+
+    tower_params = list(model.model.vision_tower.parameters())
+    tower_ids = {id(p) for p in tower_params}
+    other_params = [p for p in model.parameters() if id(p) not in tower_ids]
+    optimizer = torch.optim.AdamW([{"params": other_params, "lr": lr}, {"params": tower_params, "lr": tower_lr}],
+                                  weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    history = []
+    model.train()
+    for step in tqdm(range(steps), desc="text pointing pre-training", unit="step"):
+        rows = rng.integers(0, len(train), batch_size)
+        asked = queries([train[r] for r in rows])
+        inputs = backbone.build_inputs([q for q, _ in asked], [codec.encode(c[None]) for _, c in asked])
+        output = backbone.forward(pixels[torch.from_numpy(rows)], inputs)
+        logits, labels = output.logits[:, :-1], inputs["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            history.append({"step": step, "text_loss": loss.item()})
+    model.eval()
+    asked = queries(held_out)
+    answers = backbone.generate(eval_pixels, [q for q, _ in asked], max_new_tokens=3)
+    errors = []
+    for answer, (_, centre) in zip(answers, asked):
+        decoded = codec.try_decode(answer)
+        errors.append(math.sqrt(2) if decoded is None else float(np.linalg.norm(decoded[0] - centre)))
+    return history, float(np.mean(errors))
+
+
 def build_pointing_paligemma(
     out_dir: str | Path,
     *,
@@ -121,9 +187,13 @@ def build_pointing_paligemma(
     seed: int = 0,
     scene_size: int = 128,
     tracking_uri: str | None = None,
+    text_steps: int = 0,
+    text_lr: float = 1e-3,
+    text_tower_lr: float = 2e-4,
     **tiny_config,
 ) -> Path:
-    """Write the tiny checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision tower."""
+    """Write the tiny checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision tower,
+    then `text_steps` of 'point to the <object>' training of the whole VLM."""
     from transformers import PaliGemmaForConditionalGeneration
 
     out_dir = Path(out_dir)
@@ -170,6 +240,17 @@ def build_pointing_paligemma(
     seconds = time.perf_counter() - started
     log.info("dense pointing pre-training: held-out keypoint error %.4f after %d steps (%.0f s)",
              dense_error, steps, seconds)
+    text_error = None
+    if text_steps > 0:
+        from transformers import AutoProcessor
+
+        text_history, text_error = _text_pointing_stage(
+            model, AutoProcessor.from_pretrained(staging), train, held_out, pixels, eval_pixels, steps=text_steps,
+            batch_size=batch_size, lr=text_lr, tower_lr=text_tower_lr, seed=seed)
+        history += [{**row, "step": steps + row["step"]} for row in text_history]
+        seconds = time.perf_counter() - started
+        log.info("text pointing pre-training: held-out object-centre error %.4f after %d steps (%.0f s total)",
+                 text_error, text_steps, seconds)
 
     model.save_pretrained(staging)
     if out_dir.exists():
@@ -178,14 +259,14 @@ def build_pointing_paligemma(
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     if tracking_uri:
-        _record_run(tracking_uri, out_dir, history, dense_error, seconds,
+        _record_run(tracking_uri, out_dir, history, dense_error, text_error, seconds,
                     {"steps": steps, "corpus_size": corpus_size, "batch_size": batch_size, "lr": lr, "seed": seed,
-                     **tiny_config})
+                     "text_steps": text_steps, "text_lr": text_lr, **tiny_config})
     return out_dir
 
 
-def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_error: float, seconds: float,
-                params: dict) -> None:
+def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_error: float,
+                text_error: float | None, seconds: float, params: dict) -> None:
     from mlflow import MlflowClient
 
     from affordvla.tracking.mlflow_setup import ensure_experiment
@@ -198,9 +279,12 @@ def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_err
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     for row in history:
-        for key in ("heatmap", "vote", "segmentation"):
-            client.log_metric(run.info.run_id, f"pretrain/{key}", row[key], step=row["step"])
+        for key in ("heatmap", "vote", "segmentation", "text_loss"):
+            if key in row:
+                client.log_metric(run.info.run_id, f"pretrain/{key}", row[key], step=row["step"])
     client.log_metric(run.info.run_id, "pretrain/held_out_keypoint_error", dense_error)
+    if text_error is not None:
+        client.log_metric(run.info.run_id, "pretrain/held_out_pointing_error", text_error)
     client.log_metric(run.info.run_id, "pretrain/seconds", seconds)
     client.log_artifact(run.info.run_id, str(out_dir / "config.json"), "checkpoint")
     client.set_terminated(run.info.run_id)
