@@ -1,6 +1,8 @@
 """`affordvla-data`: dataset conversions.
 
     affordvla-data kalie-from-hdf5 <collection dir> <out dir> [--on-error skip] [--no-str-format]
+    affordvla-data convert calvin <split dir> <cache.h5>
+    affordvla-data convert oxe <data root> <cache.h5> --name bridge_orig [--split train]
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import logging
 import sys
 
-from affordvla.data.kalie import ON_ERROR_CHOICES, KalieFormatError
+from affordvla.data.kalie import ON_ERROR_CHOICES
 from affordvla.data.kalie_hdf5 import hdf5_to_json
 
 
@@ -23,7 +25,28 @@ def build_parser() -> argparse.ArgumentParser:
     kalie.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="raise",
                        help="raise on the first bad file or entry, or skip and count them")
     kalie.add_argument("--no-str-format", action="store_true", help="do not write data_strformat.json")
+    convert = commands.add_parser("convert", help="episode dataset -> chunked HDF5 cache for window reads")
+    convert.add_argument("source_format", choices=("calvin", "oxe"))
+    convert.add_argument("source", help="CALVIN split folder, or the root holding RLDS dataset folders")
+    convert.add_argument("out", help="the .h5 file to write (an interrupted conversion resumes)")
+    convert.add_argument("--name", help="RLDS dataset name (oxe)")
+    convert.add_argument("--split", default="train", help="split to cache (oxe; 'train' or 'val')")
     return parser
+
+
+def _convert(args) -> dict[str, int]:
+    from affordvla.data.h5cache import calvin_episodes, convert, oxe_episodes
+
+    if args.source_format == "calvin":
+        from affordvla.data.calvin import read_language_segments
+
+        total = len(read_language_segments(args.source))
+        return convert(calvin_episodes(args.source), args.out, source=str(args.source), source_format="calvin",
+                       total=total)
+    if not args.name:
+        raise ValueError("convert oxe needs --name (the RLDS dataset folder, e.g. bridge_orig)")
+    return convert(oxe_episodes(args.source, args.name, args.split), args.out,
+                   source=f"{args.source}/{args.name}:{args.split}", source_format="oxe")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             counts = hdf5_to_json(args.data_dir, args.out_dir, on_error=args.on_error,
                                   write_str_format=not args.no_str_format)
             print(json.dumps(counts))
-    except (KalieFormatError, FileNotFoundError) as exc:
+        elif args.command == "convert":
+            print(json.dumps(_convert(args)))
+    except (ValueError, FileNotFoundError) as exc:  # every format error of the readers is a ValueError
         print(f"affordvla-data: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -187,6 +187,7 @@ def build_pointing_paligemma(
     seed: int = 0,
     scene_size: int = 128,
     tracking_uri: str | None = None,
+    eval_every: int = 0,
     text_steps: int = 0,
     text_lr: float = 1e-3,
     text_tower_lr: float = 2e-4,
@@ -221,6 +222,14 @@ def build_pointing_paligemma(
     generator = torch.Generator().manual_seed(seed)
     history = []
     started = time.perf_counter()
+
+    def held_out_error() -> float:
+        tower.eval()
+        with torch.no_grad():
+            predicted = head.predict(tower(eval_pixels).last_hidden_state).numpy()
+        tower.train()
+        return float(np.linalg.norm(predicted - eval_truth, axis=-1).mean())
+
     tower.train()
     for step in tqdm(range(steps), desc="dense pointing pre-training", unit="step"):
         rows = torch.randint(0, len(train), (batch_size,), generator=generator)
@@ -233,10 +242,12 @@ def build_pointing_paligemma(
         schedule.step()
         if step % 50 == 0 or step == steps - 1:
             history.append({"step": step, **{k: v.item() for k, v in losses.items()}})
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            history.append({"step": step, "held_out_keypoint_error": held_out_error()})
+            log.info("dense pointing pre-training: held-out keypoint error %.4f at step %d",
+                     history[-1]["held_out_keypoint_error"], step + 1)
+    dense_error = held_out_error()
     tower.eval()
-    with torch.no_grad():
-        predicted = head.predict(tower(eval_pixels).last_hidden_state).numpy()
-    dense_error = float(np.linalg.norm(predicted - eval_truth, axis=-1).mean())
     seconds = time.perf_counter() - started
     log.info("dense pointing pre-training: held-out keypoint error %.4f after %d steps (%.0f s)",
              dense_error, steps, seconds)
@@ -279,7 +290,7 @@ def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_err
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     for row in history:
-        for key in ("heatmap", "vote", "segmentation", "text_loss"):
+        for key in ("heatmap", "vote", "segmentation", "text_loss", "held_out_keypoint_error"):
             if key in row:
                 client.log_metric(run.info.run_id, f"pretrain/{key}", row[key], step=row["step"])
     client.log_metric(run.info.run_id, "pretrain/held_out_keypoint_error", dense_error)
