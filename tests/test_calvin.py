@@ -99,3 +99,40 @@ def test_truncated_annotation_and_bad_frames_name_the_file(split, tmp_path):
         data[3]
     with pytest.raises(CalvinFormatError, match="nowhere does not exist"):
         CalvinWindowDataset(tmp_path / "nowhere")
+
+
+def test_wrong_shapes_and_nan_actions_name_the_frame(tmp_path):
+    root = write_calvin_split(tmp_path, [3], [(0, 2, "lift", "lift")])
+    frame = fixture_frame(1)
+    frame["rel_actions"][2] = np.nan
+    np.savez_compressed(frame_path(root, 1), **frame)
+    frame = fixture_frame(2)
+    frame["rgb_static"] = frame["rgb_static"].astype(np.float32)
+    np.savez_compressed(frame_path(root, 2), **frame)
+    data = CalvinWindowDataset(root, window_size=1, chunk_size=1)
+    with pytest.raises(CalvinFormatError, match=r"episode_0000001.npz: rel_actions holds NaN"):
+        data[1]
+    with pytest.raises(CalvinFormatError, match=r"episode_0000002.npz: rgb_static must be an HxWxC uint8 image"):
+        data[2]
+    frame = fixture_frame(0)
+    frame["robot_obs"] = frame["robot_obs"][:14]
+    np.savez_compressed(frame_path(root, 0), **frame)
+    with pytest.raises(CalvinFormatError, match=r"episode_0000000.npz: robot_obs has shape \(14,\), expected \(15,\)"):
+        data[0]
+
+
+def test_the_malicious_pickle_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "lang_annotations" / "auto_lang_ann.npy"
+    path.parent.mkdir()
+    np.save(path, np.array({"info": Exploit()}, dtype=object), allow_pickle=True)
+    with pytest.raises(UnsafePickleError):
+        CalvinWindowDataset(tmp_path)
+    assert not marker.exists()

@@ -212,3 +212,46 @@ def test_bad_dataset_folders(tmp_path):
     # dataset_info says shard 1 is empty, so its record sits past the 95% cut: in the val part
     with pytest.raises(TFRecordError, match=r"00001-of-00002, record 0: not a tf.train.Example"):
         list(data.episodes("val"))
+
+
+def test_nan_actions_and_broken_episodes_raise_or_are_counted(tmp_path):
+    bad = _fractal_episode(0)
+    bad["steps/action/world_vector"][4] = np.nan  # step 1
+    short = _fractal_episode(1)
+    short["steps/action/rotation_delta"] = short["steps/action/rotation_delta"][:-1]
+    write_rlds_dataset(tmp_path, "fractal20220817_data", {"val": [bad, short, _fractal_episode(2)]}, shards=1)
+    data = RLDSDataset.open(tmp_path, "fractal20220817_data")
+    with pytest.raises(OXEFormatError, match=r"00000-of-00001, record 0: NaN or infinite actions at steps \[1\]"):
+        list(data.episodes("val"))
+    skipped = []
+    kept = list(data.episodes("val", on_error="skip", skipped=skipped))
+    assert len(kept) == 1 and [w.split(", ")[-1] for w in skipped] == ["record 0", "record 1"]
+    write_rlds_dataset(tmp_path / "short", "fractal20220817_data", {"val": [short]}, shards=1)
+    with pytest.raises(OXEFormatError, match=r"record 0: steps/action/rotation_delta has 11 values, expected 4 steps"):
+        list(RLDSDataset.open(tmp_path / "short", "fractal20220817_data").episodes("val"))
+
+
+def test_loader_workers_and_ranks_read_disjoint_shards(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from affordvla.data.oxe import OXEMixtureStream
+
+    episodes = [_fractal_episode(s) for s in range(8)]
+    for i, e in enumerate(episodes):
+        e["steps/observation/natural_language_instruction"] = [f"episode {i}".encode()] * 4
+    write_rlds_dataset(tmp_path, "fractal20220817_data", {"train": episodes, "val": episodes[:1]}, shards=4)
+
+    def instructions(rank, workers):
+        stream = OXEMixtureStream(tmp_path, "fractal", window_size=1, chunk_size=1, shuffle_buffer=1,
+                                  rank=rank, world_size=2)
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=lambda s: s)
+        seen = set()
+        for i, sample in enumerate(loader):
+            seen.add(sample.instruction)
+            if i >= 60:
+                return seen
+
+    # 2 ranks x 2 workers = 4 consumers (rank * 2 + worker) for 4 shards; shard k holds episodes k and k + 4
+    rank0, rank1 = instructions(0, 2), instructions(1, 2)
+    assert rank0 == {f"episode {i}" for i in (0, 4, 1, 5)}
+    assert rank1 == {f"episode {i}" for i in (2, 6, 3, 7)}

@@ -97,11 +97,27 @@ def load_frame(root: Path, index: int, keys: tuple[str, ...]) -> dict[str, np.nd
             missing = [k for k in keys if k not in npz.files]
             if missing:
                 raise CalvinFormatError(f"{path}: missing key(s) {missing}; has {sorted(npz.files)}")
-            return {k: npz[k] for k in keys}
+            frame = {k: npz[k] for k in keys}
     except FileNotFoundError:
         raise CalvinFormatError(f"{path} does not exist (frame {index} of an annotated segment)") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise CalvinFormatError(f"{path}: unreadable frame ({exc})") from None
+    for key, value in frame.items():
+        _check_value(path, key, value)
+    return frame
+
+
+def _check_value(path: Path, key: str, value: np.ndarray) -> None:
+    """Images must be HxWxC uint8 and vectors must have CALVIN's length and be finite."""
+    expected_dtype, shape = FRAME_KEYS.get(key, (None, None))
+    if key.startswith("rgb_"):
+        if value.dtype != np.uint8 or value.ndim != 3:
+            raise CalvinFormatError(f"{path}: {key} must be an HxWxC uint8 image, got {value.dtype} {value.shape}")
+    elif shape is not None:
+        if value.shape != shape:
+            raise CalvinFormatError(f"{path}: {key} has shape {value.shape}, expected {shape}")
+        if not np.isfinite(value).all():
+            raise CalvinFormatError(f"{path}: {key} holds NaN or infinite values: {value.tolist()}")
 
 
 class CalvinWindowDataset(Dataset):

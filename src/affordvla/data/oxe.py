@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from torch.utils.data import IterableDataset
+
 from affordvla.data.sample import ActionWindowSample
 from affordvla.data.tfrecord import TFRecordError, parse_example_record, read_records
 
@@ -255,12 +257,27 @@ class RLDSDataset:
                     continue
                 yield f"{shard}, record {index}", data
 
-    def episodes(self, split: str, *, rank: int = 0, world_size: int = 1) -> Iterator[Episode]:
+    def episodes(self, split: str, *, rank: int = 0, world_size: int = 1, on_error: str = "raise",
+                 skipped: list[str] | None = None) -> Iterator[Episode]:
+        """Standardised episodes. With on_error="skip", bad episodes are left out and their locations appended
+        to `skipped` (the caller's counter); the shard framing must still be intact to go on reading."""
         standardize = STANDARDIZE.get(self.name)
         if standardize is None:
             raise OXEFormatError(f"no standardisation for dataset {self.name!r}; known: {sorted(STANDARDIZE)}")
         for where, data in self.episode_records(split, rank=rank, world_size=world_size):
-            yield standardize(parse_example_record(data, where), where)
+            try:
+                episode = standardize(parse_example_record(data, where), where)
+                if not np.isfinite(episode.actions).all():
+                    bad = sorted(set(np.nonzero(~np.isfinite(episode.actions))[0].tolist()))
+                    raise OXEFormatError(f"{where}: NaN or infinite actions at steps {bad[:10]}")
+            except (OXEFormatError, TFRecordError) as exc:
+                if on_error != "skip" or isinstance(exc, TFRecordError) and "checksum" in str(exc):
+                    raise
+                log.warning("skipping %s", exc)
+                if skipped is not None:
+                    skipped.append(where)
+                continue
+            yield episode
 
     def action_statistics(self, cache_dir: str | Path | None = None) -> dict[str, Any]:
         """q01 / q99 / mean / std / min / max of the standardised training actions, computed once and cached
@@ -376,3 +393,34 @@ def write_rlds_dataset(root: str | Path, name: str, episodes_by_split: dict[str,
                                                     "tensorflow_datasets.core.features.features_dict.FeaturesDict",
                                                     "featuresDict": {"features": {"steps": {}}}}, indent=2))
     return path
+
+
+class OXEMixtureStream(IterableDataset):
+    """`stream_mixture` as a torch IterableDataset: shards are divided among every (distributed rank, loader
+    worker) pair, so no two consumers read the same episode. The rank and world size come from
+    torch.distributed when it is initialised, and from the arguments otherwise."""
+
+    def __init__(self, root: str | Path, mixture: str | list[tuple[str, float]], split: str = "train", *,
+                 window_size: int = 1, chunk_size: int = 1, seed: int = 0, shuffle_buffer: int = 256,
+                 rank: int | None = None, world_size: int | None = None):
+        self.root, self.mixture, self.split = root, mixture, split
+        self.window_size, self.chunk_size, self.seed, self.shuffle_buffer = window_size, chunk_size, seed, shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+
+    def consumer(self) -> tuple[int, int]:
+        import torch.distributed as dist
+        from torch.utils.data import get_worker_info
+
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            initialised = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        return rank * workers + worker_id, world * workers
+
+    def __iter__(self) -> Iterator[ActionWindowSample]:
+        consumer, consumers = self.consumer()
+        return stream_mixture(self.root, self.mixture, self.split, window_size=self.window_size,
+                              chunk_size=self.chunk_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                              rank=consumer, world_size=consumers)
