@@ -43,7 +43,13 @@ def bench_train_step() -> dict[str, float]:
     return train_step.run(backbone)
 
 
-BENCHMARKS = {"default": bench_default, "train_step": bench_train_step}
+def bench_data() -> dict[str, float]:
+    from affordvla.bench import data
+
+    return data.run()
+
+
+BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data}
 
 
 def main(argv: list[str] | None = None) -> None:
