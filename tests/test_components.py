@@ -11,7 +11,12 @@ import torch
 from affordvla.backbones.base import IGNORE_INDEX, BackboneLoadError
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
-from affordvla.backbones.paligemma.tiny import LOC_TOKENS, SEG_TOKENS, build_tokenizer, sincos_2d
+from affordvla.backbones.paligemma.tiny import (
+    LOC_TOKENS,
+    SEG_TOKENS,
+    build_tokenizer,
+    sincos_2d,
+)
 from affordvla.checkpointing import load_state_dict, save_state_dict
 from affordvla.data.sample import KeypointSample
 from affordvla.data.sampling import StepResumableSampler

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import compose_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf, open_dict
 
 from affordvla.train import CONFIG_DIR
-from conftest import compose_train
 
 GROUPS = ["paths", "backbone", "head", "dataset", "synthesis", "trainer", "logger", "callbacks", "hydra",
           "experiment", "debug"]

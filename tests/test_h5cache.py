@@ -6,7 +6,13 @@ import pytest
 
 from affordvla.data.calvin import CalvinWindowDataset, write_calvin_split
 from affordvla.data.cli import main
-from affordvla.data.h5cache import CacheError, CachedWindowDataset, calvin_episodes, convert, oxe_episodes
+from affordvla.data.h5cache import (
+    CachedWindowDataset,
+    CacheError,
+    calvin_episodes,
+    convert,
+    oxe_episodes,
+)
 from affordvla.data.oxe import RLDSDataset, episode_windows
 
 
@@ -41,9 +47,8 @@ def test_calvin_cache_windows_equal_the_reader(calvin_split, tmp_path):
 
 
 def test_oxe_cache_windows_equal_the_reader(tmp_path):
-    from tests.test_oxe import _fractal_episode
-
     from affordvla.data.oxe import write_rlds_dataset
+    from tests.test_oxe import _fractal_episode
 
     write_rlds_dataset(tmp_path / "oxe", "fractal20220817_data", {"train": [_fractal_episode(s) for s in range(3)]})
     out = tmp_path / "fractal.h5"

@@ -11,7 +11,7 @@ from affordvla.data.kalie_augment import (
 )
 from affordvla.data.sample import KeypointSample
 
-GEOMETRY_ONLY = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+GEOMETRY_ONLY = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
 
 
 def _marker_image(width, height, point):

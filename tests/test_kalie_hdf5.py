@@ -65,6 +65,7 @@ def test_hdf5_to_json_writes_the_kalie_layout(tmp_path):
                                        "objects": ["usb stick", "computer"]}
     assert json.loads(raw["entry_0"]["points"]) == {k: list(v) for k, v in _points(0).items()}
     entries, skipped = read_kalie_index(out)
+    assert skipped == 0
     sample = load_kalie_sample(entries[2])
     np.testing.assert_array_equal(sample.image, _image(2))
     np.testing.assert_allclose(sample.keypoints, np.array(list(_points(2).values())) / 1000)

@@ -66,8 +66,8 @@ def test_pointing_samples_round_trip_and_count_other_answers(tmp_path):
     ('[{"id": "x", "image": "a.png"}]', "entry 'x' \\(#0\\): needs a 'conversations' list"),
     ('[{"id": "x", "conversations": []}]', "needs an 'image' path"),
     ('[{"id": "x", "image": "a.png", "conversations": [{"from": "human", "value": "q"}]}]', "alternate"),
-    ('[{"id": "x", "image": "a.png", "conversations": [{"from": "gpt", "value": "q"}, '
-     '{"from": "human", "value": "a"}]}]', "turn 0: expected a human then a gpt"),
+    (('[{"id": "x", "image": "a.png", "conversations": [{"from": "gpt", "value": "q"}, '
+      '{"from": "human", "value": "a"}]}]'), "turn 0: expected a human then a gpt"),
 ])
 def test_malformed_conversations_name_file_and_entry(tmp_path, content, message):
     path = tmp_path / "bad.json"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_train
 from mlflow import MlflowClient
 
 from affordvla.checkpointing import load_state_dict
 from affordvla.data.kalie import KalieFormatError
 from affordvla.train import train
-from conftest import compose_train
 
 
 def _mlflow_uri(root: Path) -> str:

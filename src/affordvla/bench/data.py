@@ -39,7 +39,11 @@ def _kalie(work: Path) -> float:
 
 
 def _robopoint(work: Path) -> float:
-    from affordvla.data.robopoint import point_entry, pointing_samples, write_conversations
+    from affordvla.data.robopoint import (
+        point_entry,
+        pointing_samples,
+        write_conversations,
+    )
 
     rng = np.random.default_rng(0)
     (work / "robopoint" / "images").mkdir(parents=True, exist_ok=True)

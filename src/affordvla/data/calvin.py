@@ -109,7 +109,7 @@ def load_frame(root: Path, index: int, keys: tuple[str, ...]) -> dict[str, np.nd
 
 def _check_value(path: Path, key: str, value: np.ndarray) -> None:
     """Images must be HxWxC uint8 and vectors must have CALVIN's length and be finite."""
-    expected_dtype, shape = FRAME_KEYS.get(key, (None, None))
+    _, shape = FRAME_KEYS.get(key, (None, None))
     if key.startswith("rgb_"):
         if value.dtype != np.uint8 or value.ndim != 3:
             raise CalvinFormatError(f"{path}: {key} must be an HxWxC uint8 image, got {value.dtype} {value.shape}")

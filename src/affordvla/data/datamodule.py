@@ -17,8 +17,14 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.kalie import SCALE as KALIE_SCALE
+from affordvla.data.kalie import (
+    KalieEntry,
+    KalieFormatError,
+    kalie_split,
+    load_kalie_sample,
+    read_kalie_index,
+)
 from affordvla.data.kalie_augment import KalieAugmentation, centre_crop
-from affordvla.data.kalie import KalieEntry, KalieFormatError, kalie_split, load_kalie_sample, read_kalie_index
 from affordvla.data.sample import KeypointSample
 from affordvla.data.sampling import StepResumableSampler
 from affordvla.data.toy_kalie import SPLITS_FILE, ensure_toy_kalie

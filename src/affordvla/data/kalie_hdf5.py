@@ -95,7 +95,7 @@ def _read_group(path: Path, key: str, group) -> CollectedSample:
         value = np.asarray(group[dataset][()])
         if value.shape != (2,) or not np.issubdtype(value.dtype, np.number):
             raise KalieFormatError(f"{where}: {dataset} must hold two numbers (x, y), got {value!r}")
-        x, y = (int(round(float(v))) for v in value)
+        x, y = (round(float(v)) for v in value)
         if not (0 <= x <= SCALE and 0 <= y <= SCALE):
             raise KalieFormatError(f"{where}: {dataset} = ({x}, {y}) lies outside 0..{SCALE}")
         points[name] = (x, y)

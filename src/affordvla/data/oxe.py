@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
 from torch.utils.data import IterableDataset
 
 from affordvla.data.sample import ActionWindowSample
@@ -287,7 +286,7 @@ class RLDSDataset:
         if cache.is_file():
             return json.loads(cache.read_text())
         actions = np.concatenate([e.actions for e in self.episodes("train")])
-        stats = {"dataset": self.name, "count": int(len(actions)), "hash": self.content_hash(),
+        stats = {"dataset": self.name, "count": len(actions), "hash": self.content_hash(),
                  "q01": np.quantile(actions, 0.01, axis=0).tolist(), "q99": np.quantile(actions, 0.99, axis=0).tolist(),
                  "mean": actions.mean(0).tolist(), "std": actions.std(0).tolist(),
                  "min": actions.min(0).tolist(), "max": actions.max(0).tolist()}

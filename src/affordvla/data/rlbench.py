@@ -23,7 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from affordvla.data.safe_pickle import NUMPY_GLOBALS, RestrictedUnpickler, UnsafePickleError
+from affordvla.data.safe_pickle import (
+    NUMPY_GLOBALS,
+    RestrictedUnpickler,
+    UnsafePickleError,
+)
 
 CAMERAS = ("left_shoulder", "right_shoulder", "overhead", "wrist", "front")
 DEPTH_SCALE = 2**24 - 1  # depth PNGs hold a 0-1 value as a 24-bit integer in R (high), G, B (low)
@@ -90,7 +94,7 @@ def load_rlbench_pickle(path: str | Path) -> Any:
             return _RLBenchUnpickler(f, source=str(path), allowed=NUMPY_GLOBALS | _PLAIN_OBJECT_GLOBALS).load()
         except UnsafePickleError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any decoding failure of a data file is a format error
+        except Exception as exc:
             raise RLBenchFormatError(f"{path}: corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
 
 

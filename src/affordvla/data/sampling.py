@@ -45,5 +45,5 @@ class StepResumableSampler(Sampler):
         yield from ((index, epoch) for index in order) if self.with_epoch else order
 
     def __len__(self) -> int:
-        epoch, batch = self._start()
+        _, batch = self._start()
         return (self.batches_per_epoch - batch) * self.batch_size

@@ -17,7 +17,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from affordvla.data.kalie import KalieFormatError, points_to_json_string, points_to_str_format, to_kalie_int
+from affordvla.data.kalie import (
+    KalieFormatError,
+    points_to_json_string,
+    points_to_str_format,
+    to_kalie_int,
+)
 from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.sample import KALIE_POINT_NAMES
 from affordvla.data.tabletop import make_scene
