@@ -48,6 +48,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     choices, overrides, output_dir = _hydra_runtime()
 
     datamodule = instantiate(cfg.dataset)
+    if getattr(datamodule, "sample_kind", "keypoints") != "keypoints":
+        # checked before the backbone is built: a mismatch should cost seconds, not a checkpoint build
+        raise ValueError(f"dataset {cfg.dataset.get('name', cfg.dataset.get('source'))!r} yields "
+                         f"{datamodule.sample_kind} samples, but this entrypoint trains the keypoint-text head; "
+                         "episode datasets are read by affordvla.data.action_datamodule for the action heads")
     backbone = instantiate(cfg.backbone)
     head = instantiate(cfg.head)
     module = instantiate(cfg.module, backbone=backbone, head=head)

@@ -73,6 +73,8 @@ class KeypointDataset(Dataset):
 
 
 class KalieDataModule(L.LightningDataModule):
+    sample_kind = "keypoints"
+
     def __init__(
         self,
         root: str,
