@@ -142,3 +142,24 @@ def test_malformed_dataset_stops_with_file_and_entry(tmp_path, smoke_overrides, 
         train(cfg)
     message = str(excinfo.value)
     assert "data_jsonformat.json" in message and expected in message
+
+
+def test_a_kalie_dataset_on_disk_trains_with_kalies_augmentation(tmp_path, tiny_backbone_dir):
+    """`dataset=kalie` on a folder in KALIE's JSON layout: augmented crops for training, centre crops for test."""
+    from affordvla.data.kalie import write_kalie_dataset
+    from affordvla.data.kalie_tasks import TASKS
+    from affordvla.data.sample import KALIE_POINT_NAMES
+    from affordvla.data.tabletop import make_scenes
+
+    items = [(s.image, {n: [round(v * 1000) for v in p] for n, p in zip(KALIE_POINT_NAMES, s.keypoints)},
+              {"task": TASKS[s.task].instruction, "objects": list(TASKS[s.task].objects)})
+             for s in make_scenes(11, 20, 70)]
+    write_kalie_dataset(tmp_path / "kalie", items)
+    cfg = compose_train([
+        "debug=fast_dev_run", "logger=none", f"paths.root_dir={tmp_path}", f"backbone.pretrained={tiny_backbone_dir}",
+        "backbone.build=null", "dataset=kalie", f"dataset.root={tmp_path / 'kalie'}", "dataset.batch_size=4",
+        "dataset.eval_batch_size=8", "dataset.num_workers=0", "callbacks.progress_bar.refresh_rate=0",
+    ], tmp_path / "run")
+    metrics = train(cfg)
+    assert metrics["test/num_samples"] == 4  # KALIE's 80/20 split of 20 entries, test = val
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
