@@ -7,11 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from affordvla.backbones.base import BackboneLoadError, VLMBackbone
+from affordvla.backbones.llava.modeling import LlavaBackbone
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, type[VLMBackbone]] = {"paligemma": PaliGemmaBackbone}
+FAMILIES: dict[str, type[VLMBackbone]] = {"paligemma": PaliGemmaBackbone, "llava": LlavaBackbone}
 
 
 def load_backbone(family: str, pretrained: str, build: Callable[[Path], Path] | None = None,

@@ -9,14 +9,10 @@ chosen so a tiny model can learn to point quickly (shared/notes/tiny-vlm-localiz
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
 from transformers import (
     GemmaConfig,
     GemmaTokenizer,
@@ -27,10 +23,9 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from affordvla.backbones.tokenizer_corpus import tokenizer_corpus
+from affordvla.backbones.tokenizer_corpus import BYTE_TOKENS, train_bpe
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's ids 0..4
-BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
 SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
 IMAGE_TOKEN = "<image>"
@@ -42,14 +37,8 @@ def build_tokenizer(bpe_vocab_size: int = 800) -> GemmaTokenizer:
     Id layout mirrors PaliGemma: text vocabulary first, then `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`,
     then `<image>`.
     """
-    trainer_tokenizer = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True))
-    trainer_tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    trainer = BpeTrainer(vocab_size=bpe_vocab_size, special_tokens=SPECIAL + BYTE_TOKENS, show_progress=False)
-    trainer_tokenizer.train_from_iterator(tokenizer_corpus(), trainer)
-    state = json.loads(trainer_tokenizer.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    tokenizer = GemmaTokenizer(vocab=state["vocab"], merges=merges)
+    vocab, merges = train_bpe(SPECIAL, bpe_vocab_size)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges)
     tokenizer.add_tokens(LOC_TOKENS + SEG_TOKENS)
     tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]})
     tokenizer.add_bos_token = False

@@ -1,0 +1,122 @@
+"""LLaVA-1.5 (and RoboPoint, once converted) through transformers' own LlavaForConditionalGeneration.
+
+Prompt layout, Vicuna v1 as LLaVA-1.5 and RoboPoint were trained::
+
+    <s>{system} USER: <image>\\n{prompt} ASSISTANT: {answer}</s>
+
+`<image>` is expanded by the processor into one token per visual feature. Images are padded to a square with
+the CLIP mean colour before the CLIP preprocessing (`image_aspect_ratio: pad`), so nothing is cropped away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
+from affordvla.backbones.llava.tiny import VICUNA_SYSTEM
+from affordvla.backbones.paligemma.modeling import read_checkpoint_config
+
+
+def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+    """Centre the image on a square canvas of `fill` colour (LLaVA's expand2square)."""
+    height, width = image.shape[:2]
+    if height == width:
+        return image
+    side = max(height, width)
+    canvas = np.empty((side, side, 3), dtype=np.uint8)
+    canvas[:] = fill
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top : top + height, left : left + width] = image
+    return canvas
+
+
+class LlavaBackbone(VLMBackbone):
+    family = "llava"
+    part_prefixes = {
+        "vision_tower": ("model.vision_tower.",),
+        "projector": ("model.multi_modal_projector.",),
+        "language_model": ("model.language_model.", "lm_head."),
+    }
+
+    def __init__(self, model, processor, source: str, system_prompt: str = VICUNA_SYSTEM):
+        super().__init__(model, processor, source)
+        self.system_prompt = system_prompt
+        mean = processor.image_processor.image_mean
+        self.pad_colour = tuple(int(round(255 * m)) for m in mean)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32", **kwargs) -> LlavaBackbone:
+        read_checkpoint_config(path, "llava")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
+        processor = AutoProcessor.from_pretrained(path)
+        return cls(model, processor, str(path))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def image_seq_length(self) -> int:
+        vision = self.model.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def preprocess_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        squared = [Image.fromarray(pad_to_square(np.asarray(im), self.pad_colour)) for im in images]
+        return self.processor.image_processor(squared, return_tensors="pt")["pixel_values"]
+
+    def prompt_text(self, prompt: str) -> str:
+        """The conversation up to the answer, with `<image>` expanded to the number of visual tokens."""
+        image = self.processor.image_token * self.image_seq_length
+        return f"{self.system_prompt} USER: {image}\n{prompt} ASSISTANT:"
+
+    def build_inputs(self, prompts: list[str], answers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        prefixes = [[tok.bos_token_id] + tok(self.prompt_text(p), add_special_tokens=False)["input_ids"]
+                    for p in prompts]
+        suffixes = ([tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
+                    if answers is not None else [[] for _ in prompts])
+        prefix_len = max(len(p) for p in prefixes)
+        total = prefix_len + max(len(s) for s in suffixes)
+        batch = len(prompts)
+        input_ids = torch.full((batch, total), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, total), dtype=torch.long)
+        labels = torch.full((batch, total), IGNORE_INDEX, dtype=torch.long)
+        for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+            start = prefix_len - len(prefix)
+            input_ids[i, start:prefix_len] = torch.tensor(prefix)
+            attention_mask[i, start : prefix_len + len(suffix)] = 1
+            if suffix:
+                input_ids[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
+                labels[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # what generate() derives from the mask
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if answers is not None:
+            out["labels"] = labels
+        return out
+
+    def forward(self, pixel_values: torch.Tensor, inputs: dict[str, torch.Tensor], logits_to_keep: int = 0):
+        return self.model(pixel_values=pixel_values.to(self.model.dtype), input_ids=inputs["input_ids"],
+                          attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
+                          logits_to_keep=logits_to_keep, use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
+        inputs = self.build_inputs(prompts)
+        inputs.pop("position_ids")
+        output = self.model.generate(pixel_values=pixel_values.to(self.model.dtype), **inputs,
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=self.tokenizer.pad_token_id,
+                                     eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+        texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+        eos, pad = self.tokenizer.eos_token, self.tokenizer.pad_token
+        return [t.split(eos)[0].replace(pad, "").strip() for t in texts]
