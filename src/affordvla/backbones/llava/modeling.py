@@ -10,6 +10,7 @@ the CLIP mean colour before the CLIP preprocessing (`image_aspect_ratio: pad`), 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
+from affordvla.backbones.llava.convert import convert_original_llava, is_original_llava
 from affordvla.backbones.llava.tiny import VICUNA_SYSTEM
 from affordvla.backbones.paligemma.modeling import read_checkpoint_config
 
@@ -50,9 +52,16 @@ class LlavaBackbone(VLMBackbone):
         self.pad_colour = tuple(int(round(255 * m)) for m in mean)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32", **kwargs) -> LlavaBackbone:
-        read_checkpoint_config(path, "llava")
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
+                        vision_tower: str | None = None, **kwargs) -> LlavaBackbone:
+        """A transformers Llava directory, or an original-LLaVA / RoboPoint one (converted in memory; its vision
+        tower is the local CLIP directory `vision_tower` or the one its config names)."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        config_file = Path(path) / "config.json"
+        if config_file.is_file() and is_original_llava(json.loads(config_file.read_text())):
+            model, processor = convert_original_llava(path, vision_tower)
+            return cls(model.to(dtype), processor, str(path))
+        read_checkpoint_config(path, "llava")
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
         processor = AutoProcessor.from_pretrained(path)
         return cls(model, processor, str(path))
