@@ -99,7 +99,11 @@ def write_original_llava(out, llava_dir, projector="mlp2x_gelu", tower_in_checkp
     Llama weights under model.*, model.mm_projector.{0,2}, the CLIP tower in its own directory named by
     mm_vision_tower, and a tokenizer without <image>. Returns (original dir, clip dir)."""
     from safetensors.torch import save_file
-    from transformers import CLIPVisionModel, LlamaTokenizer, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionModel,
+        LlamaTokenizer,
+        LlavaForConditionalGeneration,
+    )
 
     from affordvla.backbones.tokenizer_corpus import train_bpe
 
@@ -153,7 +157,7 @@ def test_original_llava_checkpoints_convert_exactly(llava_dir, tmp_path, project
         reference.save_pretrained(tmp_path / "reference")
         reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "reference").eval()
         llava_dir = tmp_path / "reference"
-    original, clip_dir = write_original_llava(tmp_path, llava_dir, projector, tower_in_checkpoint)
+    original, _ = write_original_llava(tmp_path, llava_dir, projector, tower_in_checkpoint)
     backbone = load_backbone("llava", str(original))  # converted in memory on load
     backbone.eval()
     pixels = torch.randn(2, 3, 32, 32)

@@ -94,7 +94,7 @@ def load_rlbench_pickle(path: str | Path) -> Any:
             return _RLBenchUnpickler(f, source=str(path), allowed=NUMPY_GLOBALS | _PLAIN_OBJECT_GLOBALS).load()
         except UnsafePickleError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to decode a data file is a format error
             raise RLBenchFormatError(f"{path}: corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
 
 
