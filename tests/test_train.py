@@ -163,3 +163,17 @@ def test_a_kalie_dataset_on_disk_trains_with_kalies_augmentation(tmp_path, tiny_
     metrics = train(cfg)
     assert metrics["test/num_samples"] == 4  # KALIE's 80/20 split of 20 entries, test = val
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_lora_run_exports_a_merged_plain_transformers_model(tmp_path, smoke_overrides):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from hydra.utils import instantiate
+
+    from affordvla.backbones.finetuning import has_lora
+
+    cfg = compose_train(smoke_overrides + ["logger=none", "backbone.lora={rank: 4, alpha: 8}"], tmp_path / "run")
+    assert has_lora(instantiate(cfg.backbone))
+    train(cfg)
+    exported = PaliGemmaForConditionalGeneration.from_pretrained(cfg.export_dir)
+    assert not any("lora" in name for name, _ in exported.named_parameters())

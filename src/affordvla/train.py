@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
+from affordvla.backbones.finetuning import export_backbone
 from affordvla.callbacks import StopAfterSteps, log_artifact
 from affordvla.checkpointing import SafetensorsCheckpointIO
 from affordvla.tracking.run_record import flatten_params, run_tags, write_run_files
@@ -89,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["train_seconds"] = time.perf_counter() - started
 
     if cfg.get("export_dir") and cfg.train and not trainer.fast_dev_run:
-        backbone.save_pretrained(cfg.export_dir)
+        export_backbone(backbone, cfg.export_dir, merge=True)
     metrics_file = output_dir / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if loggers:

@@ -26,6 +26,8 @@ class VLMBackbone(nn.Module, abc.ABC):
     family: ClassVar[str]
     # Prefixes of parameter names per part, for per-part learning rates and freezing.
     part_prefixes: ClassVar[dict[str, tuple[str, ...]]]
+    # Names of the linear layers LoRA adapts by default, per part (see backbones/finetuning.py).
+    lora_targets: ClassVar[dict[str, list[str]]]
 
     def __init__(self, model: nn.Module, processor: Any, source: str):
         super().__init__()

@@ -44,6 +44,10 @@ class LlavaBackbone(VLMBackbone):
         "projector": ("model.multi_modal_projector.",),
         "language_model": ("model.language_model.", "lm_head."),
     }
+    lora_targets = {
+        "language_model": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "vision_tower": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    }
 
     def __init__(self, model, processor, source: str, system_prompt: str = VICUNA_SYSTEM):
         super().__init__(model, processor, source)
