@@ -1,0 +1,133 @@
+"""Where2Place scoring (llarva-rlbench-robopoint.md section 3), in two modes.
+
+`compat` reproduces RoboPoint's `summarize_vqa.py` number for number, quirks included:
+- tuples are found by the regex below; a number containing '.' is a float, otherwise an int;
+- a 2-tuple with any float is taken as normalised and scaled by a fixed 640 x 480 with truncation, an all-int
+  2-tuple is a pixel; a 4-tuple is a box (scaled when its first number is a float) whose every pixel counts as a
+  point; tuples of other lengths are ignored;
+- the mask is the grayscale JPEG divided by 255 (soft values at its edges);
+- a question scores the mean mask value at its points (a point outside the image scores 0, no points score 0);
+- answers are matched to questions by line position, and a question whose scoring raises is left out of the mean.
+
+`corrected` fixes what the compat mode keeps: the image's own size, a thresholded mask (>= 0.5), answers matched
+by question_id, and every failure scored 0 instead of dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TUPLE_PATTERN = re.compile(r"\(([-+]?\d+\.?\d*(?:,\s*[-+]?\d+\.?\d*)*?)\)")
+COMPAT_SIZE = (640, 480)  # width, height hard-coded by the original scorer
+
+
+def _numbers(match: str) -> list[int | float]:
+    return [float(n) if "." in n else int(n) for n in match.split(",")]
+
+
+def compat_points(text: str) -> np.ndarray:
+    """(N, 2) integer pixel points the original scorer extracts from an answer (may raise, as it does)."""
+    width, height = COMPAT_SIZE
+    points: list[tuple[int, int]] = []
+    for match in TUPLE_PATTERN.findall(text):
+        vector = _numbers(match)
+        if len(vector) == 2:
+            x, y = vector
+            if isinstance(x, float) or isinstance(y, float):
+                x, y = int(x * width), int(y * height)
+            points.append((x, y))
+        elif len(vector) == 4:
+            x0, y0, x1, y1 = vector
+            if isinstance(x0, float):
+                x0, y0, x1, y1 = int(x0 * width), int(y0 * height), int(x1 * width), int(y1 * height)
+            box = np.zeros((height, width), dtype=bool)
+            box[y0:y1, x0:x1] = True  # a float left here raises TypeError, as in the original
+            ys, xs = np.nonzero(box)
+            points.extend(zip(xs.tolist(), ys.tolist()))
+    return np.array(points, dtype=np.int64).reshape(-1, 2)
+
+
+def corrected_points(text: str, width: int, height: int) -> np.ndarray:
+    """Points in pixels of the actual image: normalised tuples scaled by its size, boxes expanded the same way."""
+    points: list[tuple[float, float]] = []
+    for match in TUPLE_PATTERN.findall(text):
+        vector = [float(n) for n in match.split(",")]
+        normalised = all(0.0 <= v <= 1.0 for v in vector) and any("." in n for n in match.split(","))
+        sx, sy = (width, height) if normalised else (1.0, 1.0)
+        if len(vector) == 2:
+            points.append((vector[0] * sx, vector[1] * sy))
+        elif len(vector) == 4:
+            x0, x1 = sorted((vector[0] * sx, vector[2] * sx))
+            y0, y1 = sorted((vector[1] * sy, vector[3] * sy))
+            ys, xs = np.mgrid[int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))]
+            points.extend(zip((xs.reshape(-1) + 0.5).tolist(), (ys.reshape(-1) + 0.5).tolist()))
+    return np.array(points, dtype=np.float64).reshape(-1, 2)
+
+
+def _mask_values(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Mask value at each point (column x, row y); 0 for points outside the mask."""
+    xs, ys = np.floor(points[:, 0]).astype(np.int64), np.floor(points[:, 1]).astype(np.int64)
+    inside = (xs >= 0) & (xs < mask.shape[1]) & (ys >= 0) & (ys < mask.shape[0])
+    values = np.zeros(len(points))
+    values[inside] = mask[ys[inside], xs[inside]]
+    return values
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+
+
+def score_answer_compat(text: str, mask: np.ndarray) -> float:
+    points = compat_points(text)
+    return float(_mask_values(mask, points).mean()) if len(points) else 0.0
+
+
+def score_answer_corrected(text: str, mask: np.ndarray) -> float:
+    try:
+        points = corrected_points(text, mask.shape[1], mask.shape[0])
+    except (ValueError, TypeError):
+        return 0.0
+    return float(_mask_values(mask >= 0.5, points).mean()) if len(points) else 0.0
+
+
+@dataclass
+class Where2PlaceResult:
+    score: float  # mean over scored questions, in [0, 1] (the paper reports x100)
+    scored: int
+    skipped: list[int | str] = field(default_factory=list)  # compat only: questions whose scoring raised
+    per_question: dict = field(default_factory=dict)  # question_id -> score
+    by_category: dict[str, float] = field(default_factory=dict)  # seen / unseen (= Where2Place (h))
+
+
+def score_where2place(questions, answers: list[dict], mode: str = "compat") -> Where2PlaceResult:
+    """`questions` from `read_where2place` (file order); `answers` as dicts with "text" (and "question_id")."""
+    if mode not in ("compat", "corrected"):
+        raise ValueError(f"mode must be 'compat' or 'corrected', got {mode!r}")
+    per_question, skipped, categories = {}, [], {}
+    if mode == "compat":
+        pairs = list(zip(questions, answers))  # by line position, as the original
+    else:
+        by_id = {a.get("question_id"): a for a in answers}
+        pairs = [(q, by_id.get(q.question_id, {"text": ""})) for q in questions]
+    for question, answer in pairs:
+        mask = load_mask(question.mask_path)
+        if mode == "compat":
+            try:
+                value = score_answer_compat(answer["text"], mask)
+            except Exception:  # noqa: BLE001 - the original skips any question whose scoring raises
+                skipped.append(question.question_id)
+                continue
+        else:
+            value = score_answer_corrected(answer.get("text", ""), mask)
+        per_question[question.question_id] = value
+        categories.setdefault(question.category, []).append(value)
+    scores = list(per_question.values())
+    return Where2PlaceResult(score=float(np.mean(scores)) if scores else 0.0, scored=len(scores), skipped=skipped,
+                             per_question=per_question,
+                             by_category={c: float(np.mean(v)) for c, v in categories.items()})
