@@ -39,8 +39,10 @@ def test_every_group_exists_and_has_options():
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}", f"paths.root_dir={tmp_path}"]
-    if group == "backbone" and option != "paligemma_tiny":
+    if group == "backbone" and not option.endswith("_tiny"):
         overrides.append("backbone.pretrained=/some/local/checkpoint")
+    if group == "backbone" and option == "robopoint":
+        overrides.append("backbone.vision_tower=/some/local/clip")
     if group == "dataset" and option != "toy_kalie":
         overrides.append("dataset.root=/some/kalie/data")
     cfg = _compose(overrides, tmp_path)
