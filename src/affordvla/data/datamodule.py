@@ -42,8 +42,10 @@ class KeypointDataset(Dataset):
 
     def __init__(self, entries: list[KalieEntry], cache: bool = True, *,
                  augmentation: KalieAugmentation | None = None, augmentation_seed: int = 0,
-                 centre_crop_fraction: float | None = None):
+                 centre_crop_fraction: float | None = None,
+                 loader: Callable[[KalieEntry], KeypointSample] = load_kalie_sample):
         self.entries = entries
+        self.loader = loader
         self.cache = cache
         self.augmentation = augmentation
         self.augmentation_seed = augmentation_seed
@@ -56,7 +58,7 @@ class KeypointDataset(Dataset):
     def _raw(self, index: int) -> KeypointSample:
         if index in self._samples:
             return self._samples[index]
-        sample = load_kalie_sample(self.entries[index])
+        sample = self.loader(self.entries[index])
         if self.cache:
             self._samples[index] = sample
         return sample
@@ -90,6 +92,7 @@ class KalieDataModule(L.LightningDataModule):
         max_val_samples: int | None = None,
         augmentation: KalieAugmentation | None = None,
         eval_centre_crop: float | None = None,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         self.root = Path(root)
@@ -108,6 +111,7 @@ class KalieDataModule(L.LightningDataModule):
         if eval_centre_crop is None and augmentation is not None:
             eval_centre_crop = augmentation.crop_fraction
         self.eval_centre_crop = eval_centre_crop
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.collate: Callable[[list[KeypointSample]], Any] | None = None
         self.splits: dict[str, KeypointDataset] = {}
         self.num_skipped = 0
@@ -133,16 +137,32 @@ class KalieDataModule(L.LightningDataModule):
             # KALIE's own split: seeded 80/20, and its validation set is its test set.
             train, test = kalie_split(list(by_key), seed=self.split_seed, train_fraction=self.train_fraction)
             keys = {"train": train, "val": test, "test": test}
+        loader = self._cached_loader(entries) if self.cache_dir is not None else load_kalie_sample
         self.splits = {
             split: KeypointDataset(
                 [by_key[k] for k in ks],
                 augmentation=self.augmentation if split == "train" else None,
                 augmentation_seed=self.sampler_seed,
                 centre_crop_fraction=None if split == "train" else self.eval_centre_crop,
+                loader=loader,
             )
             for split, ks in keys.items()
         }
         log.info("dataset %s: %s", self.root, {s: len(d) for s, d in self.splits.items()})
+
+    def _cached_loader(self, entries: list[KalieEntry]) -> Callable[[KalieEntry], KeypointSample]:
+        """Read every sample through an HDF5 cache of the dataset, built on first use (or by `affordvla-data
+        convert kalie`); entries missing from an older cache are added."""
+        from affordvla.data.h5cache import KeypointCache, convert_keypoints
+
+        path = self.cache_dir / f"kalie_{self.root.name}.h5"
+        cache = KeypointCache(path) if path.is_file() and _complete_cache(path) else None
+        missing = [e for e in entries if cache is None or e.key not in cache]
+        if missing:
+            convert_keypoints((load_kalie_sample(e) for e in missing), path, source=str(self.root),
+                              source_format="kalie", total=len(missing))
+            cache = KeypointCache(path)
+        return lambda entry: cache.get(entry.key)
 
     # --- statistics the rest of the framework derives from the data -----------------------------------------
     def train_keypoint_mean(self) -> np.ndarray:
@@ -190,3 +210,10 @@ class KalieDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+def _complete_cache(path: Path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return bool(f.attrs.get("complete", False))

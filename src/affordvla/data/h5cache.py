@@ -1,4 +1,5 @@
-"""A chunked HDF5 cache of episode datasets (CALVIN, Open X-Embodiment), laid out for window reads.
+"""Chunked HDF5 caches: episode datasets (CALVIN, Open X-Embodiment, RLBench) laid out for window reads, and
+keypoint datasets (KALIE, RoboPoint) as one group per sample.
 
 Layout::
 
@@ -15,6 +16,7 @@ cache gives the same ActionWindowSamples as reading the source (tests compare th
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ import numpy as np
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from affordvla.data.sample import ActionWindowSample
+from affordvla.data.sample import ActionWindowSample, KeypointSample
 
 log = logging.getLogger(__name__)
 FORMAT = "affordvla-episodes"
@@ -71,6 +73,24 @@ def oxe_episodes(root: str | Path, name: str, split: str = "train") -> Iterator[
     for episode in RLDSDataset.open(root, name).episodes(split):
         yield EpisodeRecord(key=episode.source, images={"primary": episode.images}, actions=episode.actions,
                             instruction=episode.instruction)
+
+
+def rlbench_episodes(task_dir: str | Path, cameras: tuple[str, ...] = ("front",)) -> Iterator[EpisodeRecord]:
+    """One record per RLBench demonstration: RGB per camera, actions = next step's joint velocities + gripper_open
+    (LLARVA's action), state = joint positions. The last frame has no next step and is dropped."""
+    from affordvla.data.rlbench import list_episodes
+
+    for episode in list_episodes(task_dir):
+        observations = episode.demo().observations
+        steps = len(observations) - 1
+        actions = np.array([[*np.asarray(observations[t + 1].joint_velocities, dtype=np.float32)[:7],
+                             float(observations[t + 1].gripper_open)] for t in range(steps)], dtype=np.float32)
+        yield EpisodeRecord(
+            key=str(episode.path),
+            images={cam: np.stack([episode.rgb(cam, t) for t in range(steps)]) for cam in cameras},
+            actions=actions, instruction=episode.descriptions()[0],
+            state=np.array([np.asarray(o.joint_positions, dtype=np.float32)[:7] for o in observations[:steps]]),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -196,4 +216,81 @@ class CachedWindowDataset(Dataset):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_file"] = None  # h5py handles do not cross process boundaries
+        return state
+
+
+# ------------------------------------------------------------------------------------- keypoint datasets
+
+KEYPOINT_FORMAT = "affordvla-keypoints"
+
+
+def convert_keypoints(samples: Iterator[KeypointSample], out_path: str | Path, *, source: str, source_format: str,
+                      total: int | None = None) -> dict[str, int]:
+    """Cache keypoint samples (KALIE, RoboPoint) under /samples/<meta entry>, resumably like `convert`:
+    a sample group is written whole, marked done last, and skipped on a rerun."""
+    import h5py
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    written = skipped = 0
+    with h5py.File(out_path, "a") as f:
+        if f.attrs.get("format", KEYPOINT_FORMAT) != KEYPOINT_FORMAT:
+            raise CacheError(f"{out_path} is not an affordvla keypoint cache (format {f.attrs.get('format')!r})")
+        if "source" in f.attrs and f.attrs["source"] != source:
+            raise CacheError(f"{out_path} caches {f.attrs['source']!r}, not {source!r}: use another output file")
+        f.attrs.update({"format": KEYPOINT_FORMAT, "layout_version": LAYOUT_VERSION, "source": source,
+                        "source_format": source_format, "complete": False})
+        group = f.require_group("samples")
+        for sample in tqdm(samples, total=total, desc=f"caching {source_format}", unit="sample"):
+            name = str(sample.meta["entry"]).replace("/", "_")
+            if name in group and group[name].attrs.get("done", False):
+                skipped += 1
+                continue
+            if name in group:
+                del group[name]
+            entry = group.create_group(name)
+            entry.create_dataset("image", data=sample.image, chunks=sample.image.shape, compression="lzf")
+            entry.create_dataset("keypoints", data=sample.keypoints.astype(np.float32))
+            entry.attrs.update({"instruction": sample.instruction, "task": sample.task,
+                                "point_names": json.dumps(list(sample.point_names)),
+                                "objects": json.dumps(list(sample.objects)), "meta": json.dumps(sample.meta)})
+            entry.attrs["done"] = True
+            f.flush()
+            written += 1
+        f.attrs["complete"] = True
+    return {"written": written, "skipped": skipped}
+
+
+class KeypointCache:
+    """Random access to a keypoint cache by entry key; the sample equals the one the reader gave."""
+
+    def __init__(self, path: str | Path):
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"cache {self.path} does not exist; create it with `affordvla-data convert`")
+        with h5py.File(self.path, "r") as f:
+            if f.attrs.get("format") != KEYPOINT_FORMAT or not f.attrs.get("complete", False):
+                raise CacheError(f"{self.path} is not a complete affordvla keypoint cache")
+            self.keys = sorted(f["samples"])
+        self._file = None
+
+    def __contains__(self, key: str) -> bool:
+        return key.replace("/", "_") in self.keys
+
+    def get(self, key: str) -> KeypointSample:
+        import h5py
+
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        entry = self._file["samples"][key.replace("/", "_")]
+        return KeypointSample(image=entry["image"][()], instruction=str(entry.attrs["instruction"]),
+                              keypoints=entry["keypoints"][()], point_names=tuple(json.loads(entry.attrs["point_names"])),
+                              task=str(entry.attrs["task"]), objects=json.loads(entry.attrs["objects"]),
+                              meta=json.loads(entry.attrs["meta"]))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
         return state
