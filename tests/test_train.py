@@ -78,6 +78,8 @@ def test_resume_is_exact(tmp_path, smoke_overrides):
     train(first)
     checkpoint = tmp_path / "first" / "checkpoints" / "step_000004"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "training_state.pt").is_file()
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    assert state["dataset_metadata"]["sizes"]["train"] > 0  # the data's description travels with the weights
     resumed = compose_train(common + ["trainer.max_steps=8", f"ckpt_path={checkpoint}"], tmp_path / "resumed")
     train(resumed)
     expected, actual = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")

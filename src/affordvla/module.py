@@ -7,6 +7,7 @@ place where the backbone's processor and the head's codec meet.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,11 @@ class AffordVLAModule(L.LightningModule):
                 datamodule.collate = self.make_collate()
             datamodule.setup(stage)
             self.mean_keypoints = datamodule.train_keypoint_mean()
+            self.dataset_metadata = datamodule.metadata()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # what the data looked like (sizes, statistics) travels with the weights, as plain JSON-able values
+        checkpoint["dataset_metadata"] = json.loads(json.dumps(getattr(self, "dataset_metadata", {})))
 
     # --- training -----------------------------------------------------------------------------------------
     def _answer_logits(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

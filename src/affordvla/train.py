@@ -91,6 +91,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("export_dir") and cfg.train and not trainer.fast_dev_run:
         export_backbone(backbone, cfg.export_dir, merge=True)
+        Path(cfg.export_dir, "dataset_metadata.json").write_text(json.dumps(datamodule.metadata(), indent=2))
     metrics_file = output_dir / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if loggers:
