@@ -35,8 +35,9 @@ def test_calvin_direct_and_cached_batches_are_identical(calvin_root, tmp_path):
 
 
 def test_oxe_through_the_cache(tmp_path):
+    from test_oxe import _fractal_episode
+
     from affordvla.data.oxe import write_rlds_dataset
-    from tests.test_oxe import _fractal_episode
 
     write_rlds_dataset(tmp_path / "oxe", "fractal20220817_data", {"train": [_fractal_episode(s) for s in range(3)],
                                                                   "val": [_fractal_episode(7)]})

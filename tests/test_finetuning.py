@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from affordvla.backbones.factory import load_backbone
-from affordvla.backbones.finetuning import LoraSettings, export_backbone, lora_target_regex, quantization_kwargs
+from affordvla.backbones.finetuning import (
+    LoraSettings,
+    export_backbone,
+    lora_target_regex,
+    quantization_kwargs,
+)
 from affordvla.backbones.llava.tiny import write_tiny_llava
 
 

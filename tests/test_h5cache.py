@@ -47,8 +47,9 @@ def test_calvin_cache_windows_equal_the_reader(calvin_split, tmp_path):
 
 
 def test_oxe_cache_windows_equal_the_reader(tmp_path):
+    from test_oxe import _fractal_episode
+
     from affordvla.data.oxe import write_rlds_dataset
-    from tests.test_oxe import _fractal_episode
 
     write_rlds_dataset(tmp_path / "oxe", "fractal20220817_data", {"train": [_fractal_episode(s) for s in range(3)]})
     out = tmp_path / "fractal.h5"

@@ -168,9 +168,8 @@ def test_a_kalie_dataset_on_disk_trains_with_kalies_augmentation(tmp_path, tiny_
 
 
 def test_lora_run_exports_a_merged_plain_transformers_model(tmp_path, smoke_overrides):
-    from transformers import PaliGemmaForConditionalGeneration
-
     from hydra.utils import instantiate
+    from transformers import PaliGemmaForConditionalGeneration
 
     from affordvla.backbones.finetuning import has_lora
 
