@@ -52,11 +52,15 @@ class PaliGemmaBackbone(VLMBackbone):
     def __init__(self, model, processor, source: str, prefix_lm: bool = True):
         super().__init__(model, processor, source)
         self.prefix_lm = prefix_lm
+        model.config.affordvla_prefix_lm = prefix_lm  # saved with the weights, so an export keeps its attention
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32", prefix_lm: bool = True,
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32", prefix_lm: bool | None = None,
                         **kwargs) -> PaliGemmaBackbone:
-        read_checkpoint_config(path, "paligemma")
+        """`prefix_lm=None` takes the setting the checkpoint was fine-tuned with (True for PaliGemma's own)."""
+        config = read_checkpoint_config(path, "paligemma")
+        if prefix_lm is None:
+            prefix_lm = config.get("affordvla_prefix_lm", True)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
         processor = AutoProcessor.from_pretrained(path)
