@@ -313,3 +313,29 @@ def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_err
     client.log_metric(run.info.run_id, "pretrain/seconds", seconds)
     client.log_artifact(run.info.run_id, str(out_dir / "config.json"), "checkpoint")
     client.set_terminated(run.info.run_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m affordvla.backbones.paligemma.pretrain OUT [--steps N ...]`: (re)build a pre-trained tiny
+    PaliGemma checkpoint directory, e.g. the one shipped in artifacts/."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", help="checkpoint directory to write")
+    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--corpus-size", type=int, default=20000)
+    parser.add_argument("--text-steps", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI to record the pre-training run in")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    build_pointing_paligemma(args.out, steps=args.steps, corpus_size=args.corpus_size, text_steps=args.text_steps,
+                             eval_every=args.eval_every, seed=args.seed, tracking_uri=args.tracking_uri)
+
+
+if __name__ == "__main__":
+    main()
