@@ -18,6 +18,38 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
+# transformers' multimodal models (PaliGemma, Llava) share this module layout and these linear-layer names
+TRANSFORMERS_VLM_PARTS: dict[str, tuple[str, ...]] = {
+    "vision_tower": ("model.vision_tower.",),
+    "projector": ("model.multi_modal_projector.",),
+    "language_model": ("model.language_model.", "lm_head."),
+}
+TRANSFORMERS_VLM_LORA_TARGETS: dict[str, list[str]] = {
+    "language_model": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "vision_tower": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def pack_prompts_and_answers(prefixes: list[list[int]], suffixes: list[list[int]], pad_token_id: int
+                             ) -> dict[str, torch.Tensor]:
+    """Token id lists -> batch tensors: prompts left-padded so every answer starts at the same column (as in
+    generation), answers right-padded. `answer_mask` marks answer tokens; `labels` holds them, IGNORE_INDEX
+    elsewhere."""
+    prefix_len = max(len(p) for p in prefixes)
+    total = prefix_len + max(len(s) for s in suffixes)
+    batch = len(prefixes)
+    input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, total), dtype=torch.long)
+    answer_mask = torch.zeros((batch, total), dtype=torch.bool)
+    for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+        start = prefix_len - len(prefix)
+        input_ids[i, start : prefix_len + len(suffix)] = torch.tensor(prefix + suffix)
+        attention_mask[i, start : prefix_len + len(suffix)] = 1
+        answer_mask[i, prefix_len : prefix_len + len(suffix)] = True
+    labels = torch.where(answer_mask, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask, "labels": labels}
+
+
 class BackboneLoadError(ValueError):
     """A backbone checkpoint directory is missing, incomplete or of another family."""
 

@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _convert(args) -> dict[str, int]:
-    from affordvla.data.h5cache import calvin_episodes, convert, oxe_episodes, rlbench_episodes
+    from affordvla.data.h5cache import (
+        calvin_episodes,
+        convert,
+        oxe_episodes,
+        rlbench_episodes,
+    )
 
     if args.source_format == "calvin":
         from affordvla.data.calvin import read_language_segments

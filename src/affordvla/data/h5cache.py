@@ -105,12 +105,7 @@ def convert(episodes: Iterator[EpisodeRecord], out_path: str | Path, *, source: 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     written = skipped = 0
     with h5py.File(out_path, "a") as f:
-        if f.attrs.get("format", FORMAT) != FORMAT:
-            raise CacheError(f"{out_path} is not an affordvla episode cache (format {f.attrs.get('format')!r})")
-        if "source" in f.attrs and f.attrs["source"] != source:
-            raise CacheError(f"{out_path} caches {f.attrs['source']!r}, not {source!r}: use another output file")
-        f.attrs.update({"format": FORMAT, "layout_version": LAYOUT_VERSION, "source": source,
-                        "source_format": source_format, "complete": False})
+        _start_writing(f, out_path, FORMAT, source, source_format)
         group = f.require_group("episodes")
         index = -1
         for index, record in enumerate(tqdm(episodes, total=total, desc=f"caching {source_format}", unit="episode")):
@@ -132,6 +127,16 @@ def convert(episodes: Iterator[EpisodeRecord], out_path: str | Path, *, source: 
         f.attrs["complete"] = True
     log.info("cache %s: %d episodes written, %d already there", out_path, written, skipped)
     return {"written": written, "skipped": skipped}
+
+
+def _start_writing(f, out_path: Path, layout: str, source: str, source_format: str) -> None:
+    """Check that an existing file is a cache of this layout and source, then mark it incomplete until the end."""
+    if f.attrs.get("format", layout) != layout:
+        raise CacheError(f"{out_path} is not an affordvla {layout} cache (format {f.attrs.get('format')!r})")
+    if "source" in f.attrs and f.attrs["source"] != source:
+        raise CacheError(f"{out_path} caches {f.attrs['source']!r}, not {source!r}: use another output file")
+    f.attrs.update({"format": layout, "layout_version": LAYOUT_VERSION, "source": source,
+                    "source_format": source_format, "complete": False})
 
 
 def _write_episode(group, record: EpisodeRecord) -> None:
@@ -234,12 +239,7 @@ def convert_keypoints(samples: Iterator[KeypointSample], out_path: str | Path, *
     out_path.parent.mkdir(parents=True, exist_ok=True)
     written = skipped = 0
     with h5py.File(out_path, "a") as f:
-        if f.attrs.get("format", KEYPOINT_FORMAT) != KEYPOINT_FORMAT:
-            raise CacheError(f"{out_path} is not an affordvla keypoint cache (format {f.attrs.get('format')!r})")
-        if "source" in f.attrs and f.attrs["source"] != source:
-            raise CacheError(f"{out_path} caches {f.attrs['source']!r}, not {source!r}: use another output file")
-        f.attrs.update({"format": KEYPOINT_FORMAT, "layout_version": LAYOUT_VERSION, "source": source,
-                        "source_format": source_format, "complete": False})
+        _start_writing(f, out_path, KEYPOINT_FORMAT, source, source_format)
         group = f.require_group("samples")
         for sample in tqdm(samples, total=total, desc=f"caching {source_format}", unit="sample"):
             name = str(sample.meta["entry"]).replace("/", "_")

@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
     CLIPImageProcessorPil,
-    CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
     LlavaConfig,
@@ -33,7 +32,12 @@ from transformers import (
 )
 
 from affordvla.backbones.base import BackboneLoadError
-from affordvla.backbones.llava.tiny import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN
+from affordvla.backbones.llava.tiny import (
+    CHAT_TEMPLATE,
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_TOKEN,
+)
 
 ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
 _NOT_LLAMA = ("architectures", "model_type", "_name_or_path", "transformers_version", "torch_dtype", "dtype")

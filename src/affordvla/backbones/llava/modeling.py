@@ -18,7 +18,12 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
+from affordvla.backbones.base import (
+    TRANSFORMERS_VLM_LORA_TARGETS,
+    TRANSFORMERS_VLM_PARTS,
+    VLMBackbone,
+    pack_prompts_and_answers,
+)
 from affordvla.backbones.llava.convert import convert_original_llava, is_original_llava
 from affordvla.backbones.llava.tiny import VICUNA_SYSTEM
 from affordvla.backbones.paligemma.modeling import read_checkpoint_config
@@ -39,15 +44,8 @@ def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
 
 class LlavaBackbone(VLMBackbone):
     family = "llava"
-    part_prefixes = {
-        "vision_tower": ("model.vision_tower.",),
-        "projector": ("model.multi_modal_projector.",),
-        "language_model": ("model.language_model.", "lm_head."),
-    }
-    lora_targets = {
-        "language_model": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "vision_tower": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    }
+    part_prefixes = TRANSFORMERS_VLM_PARTS
+    lora_targets = TRANSFORMERS_VLM_LORA_TARGETS
 
     def __init__(self, model, processor, source: str, system_prompt: str = VICUNA_SYSTEM):
         super().__init__(model, processor, source)
@@ -98,19 +96,8 @@ class LlavaBackbone(VLMBackbone):
                     for p in prompts]
         suffixes = ([tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
                     if answers is not None else [[] for _ in prompts])
-        prefix_len = max(len(p) for p in prefixes)
-        total = prefix_len + max(len(s) for s in suffixes)
-        batch = len(prompts)
-        input_ids = torch.full((batch, total), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, total), dtype=torch.long)
-        labels = torch.full((batch, total), IGNORE_INDEX, dtype=torch.long)
-        for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
-            start = prefix_len - len(prefix)
-            input_ids[i, start:prefix_len] = torch.tensor(prefix)
-            attention_mask[i, start : prefix_len + len(suffix)] = 1
-            if suffix:
-                input_ids[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
-                labels[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
+        packed = pack_prompts_and_answers(prefixes, suffixes, tok.pad_token_id)
+        input_ids, attention_mask, labels = packed["input_ids"], packed["attention_mask"], packed["labels"]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # what generate() derives from the mask
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if answers is not None:

@@ -17,7 +17,13 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
-from affordvla.backbones.base import IGNORE_INDEX, BackboneLoadError, VLMBackbone
+from affordvla.backbones.base import (
+    TRANSFORMERS_VLM_LORA_TARGETS,
+    TRANSFORMERS_VLM_PARTS,
+    BackboneLoadError,
+    VLMBackbone,
+    pack_prompts_and_answers,
+)
 
 
 def read_checkpoint_config(path: str | Path, expected_model_type: str) -> dict:
@@ -39,15 +45,8 @@ def read_checkpoint_config(path: str | Path, expected_model_type: str) -> dict:
 
 class PaliGemmaBackbone(VLMBackbone):
     family = "paligemma"
-    part_prefixes = {
-        "vision_tower": ("model.vision_tower.",),
-        "projector": ("model.multi_modal_projector.",),
-        "language_model": ("model.language_model.", "lm_head."),
-    }
-    lora_targets = {
-        "language_model": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "vision_tower": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    }
+    part_prefixes = TRANSFORMERS_VLM_PARTS
+    lora_targets = TRANSFORMERS_VLM_LORA_TARGETS
 
     def __init__(self, model, processor, source: str, prefix_lm: bool = True):
         super().__init__(model, processor, source)
@@ -93,23 +92,11 @@ class PaliGemmaBackbone(VLMBackbone):
             if answers is not None
             else [[] for _ in prompts]
         )
-        prefix_len = max(len(p) for p in prefixes)
-        total = prefix_len + max(len(s) for s in suffixes)
-        batch = len(prompts)
-        input_ids = torch.full((batch, total), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, total), dtype=torch.long)
-        token_type_ids = torch.zeros((batch, total), dtype=torch.long)
-        labels = torch.full((batch, total), IGNORE_INDEX, dtype=torch.long)
-        for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
-            start = prefix_len - len(prefix)
-            input_ids[i, start:prefix_len] = torch.tensor(prefix)
-            attention_mask[i, start : prefix_len + len(suffix)] = 1
-            if not self.prefix_lm:
-                token_type_ids[i, start:prefix_len] = 1  # type 1 everywhere: plain causal attention
-            if suffix:
-                input_ids[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
-                token_type_ids[i, prefix_len : prefix_len + len(suffix)] = 1
-                labels[i, prefix_len : prefix_len + len(suffix)] = torch.tensor(suffix)
+        packed = pack_prompts_and_answers(prefixes, suffixes, tok.pad_token_id)
+        input_ids, attention_mask, labels = packed["input_ids"], packed["attention_mask"], packed["labels"]
+        # prefix-LM: prompt tokens are type 0 (bidirectional), answers type 1; all type 1 gives plain causal attention
+        causal_prompt = attention_mask.bool() if not self.prefix_lm else torch.zeros_like(packed["answer_mask"])
+        token_type_ids = (packed["answer_mask"] | causal_prompt).long()
         # 1-indexed positions that skip padding: exactly what PaliGemma's generate() computes.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + 1
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
