@@ -8,6 +8,7 @@ model, and to decode greedily.
 from __future__ import annotations
 
 import abc
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,6 +53,23 @@ def pack_prompts_and_answers(prefixes: list[list[int]], suffixes: list[list[int]
 
 class BackboneLoadError(ValueError):
     """A backbone checkpoint directory is missing, incomplete or of another family."""
+
+
+def read_checkpoint_config(path: str | Path, expected_model_type: str) -> dict:
+    """config.json of a local checkpoint, with clear errors for a missing path or another family."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BackboneLoadError(f"backbone checkpoint directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise BackboneLoadError(f"{path} has no config.json: not a transformers checkpoint directory")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type != expected_model_type:
+        raise BackboneLoadError(
+            f"{config_file} is a '{model_type}' checkpoint, but this backbone loads '{expected_model_type}'"
+        )
+    return config
 
 
 class VLMBackbone(nn.Module, abc.ABC):

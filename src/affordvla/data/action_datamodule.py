@@ -83,10 +83,10 @@ class ActionWindowDataModule(L.LightningDataModule):
     def _dataset(self, split: str) -> Dataset:
         if self.cache_dir is None:
             return self._native(split)
-        from affordvla.data.h5cache import CachedWindowDataset, convert
+        from affordvla.data.h5cache import CachedWindowDataset, convert, is_complete
 
         path = self._cache_path(split)
-        if not path.is_file() or not _complete(path):
+        if not is_complete(path):
             log.info("building the HDF5 cache %s", path)
             convert(self._episodes(split), path, source=f"{self.root}:{self.name}:{self.split_names[split]}",
                     source_format=self.source)
@@ -129,9 +129,3 @@ class ActionWindowDataModule(L.LightningDataModule):
         return DataLoader(self.splits["val"], batch_size=self.batch_size, shuffle=False,
                           collate_fn=collate_action_windows, num_workers=self.num_workers)
 
-
-def _complete(path: Path) -> bool:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return bool(f.attrs.get("complete", False))

@@ -153,10 +153,10 @@ class KalieDataModule(L.LightningDataModule):
     def _cached_loader(self, entries: list[KalieEntry]) -> Callable[[KalieEntry], KeypointSample]:
         """Read every sample through an HDF5 cache of the dataset, built on first use (or by `affordvla-data
         convert kalie`); entries missing from an older cache are added."""
-        from affordvla.data.h5cache import KeypointCache, convert_keypoints
+        from affordvla.data.h5cache import KeypointCache, convert_keypoints, is_complete
 
         path = self.cache_dir / f"kalie_{self.root.name}.h5"
-        cache = KeypointCache(path) if path.is_file() and _complete_cache(path) else None
+        cache = KeypointCache(path) if is_complete(path) else None
         missing = [e for e in entries if cache is None or e.key not in cache]
         if missing:
             convert_keypoints((load_kalie_sample(e) for e in missing), path, source=str(self.root),
@@ -211,9 +211,3 @@ class KalieDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-
-def _complete_cache(path: Path) -> bool:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return bool(f.attrs.get("complete", False))

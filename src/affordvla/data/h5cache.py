@@ -129,6 +129,16 @@ def convert(episodes: Iterator[EpisodeRecord], out_path: str | Path, *, source: 
     return {"written": written, "skipped": skipped}
 
 
+def is_complete(path: str | Path) -> bool:
+    """Whether a cache file exists and its last conversion ran to the end."""
+    import h5py
+
+    if not Path(path).is_file():
+        return False
+    with h5py.File(path, "r") as f:
+        return bool(f.attrs.get("complete", False))
+
+
 def _start_writing(f, out_path: Path, layout: str, source: str, source_format: str) -> None:
     """Check that an existing file is a cache of this layout and source, then mark it incomplete until the end."""
     if f.attrs.get("format", layout) != layout:

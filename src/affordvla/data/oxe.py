@@ -282,11 +282,12 @@ class RLDSDataset:
         """q01 / q99 / mean / std / min / max of the standardised training actions, computed once and cached
         under the dataset's content hash."""
         cache_dir = Path(cache_dir) if cache_dir is not None else self.path
-        cache = cache_dir / f"affordvla_action_stats_{self.content_hash()}.json"
+        content_hash = self.content_hash()
+        cache = cache_dir / f"affordvla_action_stats_{content_hash}.json"
         if cache.is_file():
             return json.loads(cache.read_text())
         actions = np.concatenate([e.actions for e in self.episodes("train")])
-        stats = {"dataset": self.name, "count": len(actions), "hash": self.content_hash(),
+        stats = {"dataset": self.name, "count": len(actions), "hash": content_hash,
                  "q01": np.quantile(actions, 0.01, axis=0).tolist(), "q99": np.quantile(actions, 0.99, axis=0).tolist(),
                  "mean": actions.mean(0).tolist(), "std": actions.std(0).tolist(),
                  "min": actions.min(0).tolist(), "max": actions.max(0).tolist()}

@@ -9,7 +9,6 @@ steps that way, and not at all in the same steps with the bidirectional prefix (
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +19,10 @@ from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 from affordvla.backbones.base import (
     TRANSFORMERS_VLM_LORA_TARGETS,
     TRANSFORMERS_VLM_PARTS,
-    BackboneLoadError,
     VLMBackbone,
     pack_prompts_and_answers,
+    read_checkpoint_config,
 )
-
-
-def read_checkpoint_config(path: str | Path, expected_model_type: str) -> dict:
-    """config.json of a local checkpoint, with clear errors for a missing path or another family."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BackboneLoadError(f"backbone checkpoint directory {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise BackboneLoadError(f"{path} has no config.json: not a transformers checkpoint directory")
-    config = json.loads(config_file.read_text())
-    model_type = config.get("model_type")
-    if model_type != expected_model_type:
-        raise BackboneLoadError(
-            f"{config_file} is a '{model_type}' checkpoint, but this backbone loads '{expected_model_type}'"
-        )
-    return config
 
 
 class PaliGemmaBackbone(VLMBackbone):
