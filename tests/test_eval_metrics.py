@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from affordvla.evaluation.actions import action_metrics, mean_baseline_mse
-from affordvla.evaluation.calvin import load_results, long_horizon_metrics, require_simulator, results_from_sequences
+from affordvla.evaluation.calvin import (
+    load_results,
+    long_horizon_metrics,
+    require_simulator,
+    results_from_sequences,
+)
 
 
 def test_action_metrics_by_hand():
