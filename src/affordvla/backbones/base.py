@@ -126,6 +126,50 @@ class VLMBackbone(nn.Module, abc.ABC):
     def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
         """Greedy continuation of each prompt, decoded with special tokens kept (answers may be made of them)."""
 
+    # --- embedding level (policy heads splice learnable tokens into the sequence) ---------------------------
+    # The defaults follow transformers' multimodal layout (`model.model.get_image_features`,
+    # `model.model.language_model`, `model.lm_head`, `config.image_token_id`), shared by PaliGemma and Llava;
+    # a native model (CogVLM) overrides them.
+    def embed_inputs(self, pixel_values: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings of `inputs["input_ids"]` with the image features at the image-token positions:
+        exactly what the model's own forward feeds its language model."""
+        model = self.model.model
+        input_ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(input_ids)
+        features = model.get_image_features(pixel_values=pixel_values.to(self.model.dtype)).pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features), dim=0)
+        image_mask = (input_ids == self.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(image_mask, features.to(embeds.dtype))
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last hidden states (B, L, hidden) of the language model over `inputs_embeds`, causal attention."""
+        out = self.model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=inputs["attention_mask"],
+                                              position_ids=inputs["position_ids"], use_cache=False)
+        return out.last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def append_positions(self, inputs: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+        """`inputs` with `count` attended positions appended to every row (for learnable tokens placed after
+        the left-padded prompt): positions continue, token types repeat the last one, ids are padding."""
+        batch = inputs["input_ids"].shape[0]
+        out = {}
+        for key, value in inputs.items():
+            if key == "labels" or value.dim() != 2:
+                continue
+            if key == "position_ids":
+                extra = value[:, -1:] + torch.arange(1, count + 1, device=value.device)
+            elif key == "attention_mask":
+                extra = torch.ones(batch, count, dtype=value.dtype, device=value.device)
+            elif key == "input_ids":
+                extra = torch.full((batch, count), self.tokenizer.pad_token_id, dtype=value.dtype, device=value.device)
+            else:  # token types and the like: the appended tokens belong with the text after the prompt
+                extra = value[:, -1:].expand(batch, count)
+            out[key] = torch.cat([value, extra], dim=1)
+        return out
+
     # --- optimisation helpers -----------------------------------------------------------------------------
     def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters grouped by part (e.g. vision_tower, projector, language_model)."""
