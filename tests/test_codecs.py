@@ -86,6 +86,11 @@ _PG = np.array([[256.5, 512.5], [900.5, 100.5]]) / 1024  # from <loc0512><loc025
         ("<loc0512><loc0256><loc0100><loc0900><loc1024>", _PG),  # bad token past the first 2K is unused
         ("<loc0512><loc0256><loc0100><loc0900><loc01", _PG),  # truncated after the answer
         ("<pad><bos><loc0512><loc0256>\n\n<loc0100><loc0900><eos>\n", _PG),
+        ("'<loc0512><loc0256><loc0100><loc0900>'", _PG),  # quoted
+        ("<loc0512>, <loc0256>, <loc0100>, <loc0900>,", _PG),  # separators, trailing comma
+        ("[<loc0512><loc0256>] [<loc0100><loc0900>]", _PG),
+        ("<loc0512><loc0256><loc0100><loc0900>" * 2, _PG),  # answer repeated
+        ("<loc0000><loc1023><loc1023><loc0000>", [[1023.5 / 1024, 0.5 / 1024], [0.5 / 1024, 1023.5 / 1024]]),
         ("", None),
         ("   \n", None),
         ("<loc0512><loc0256><loc0100>", None),  # 3 of 4 tokens
@@ -99,6 +104,11 @@ _PG = np.array([[256.5, 512.5], [900.5, 100.5]]) / 1024  # from <loc0512><loc025
         ("<loc-512><loc0256><loc0100><loc0900>", None),
         ("<LOC0512><LOC0256><LOC0100><LOC0900>", None),  # tokens are case-sensitive
         ("<loc 0512><loc 0256><loc 0100><loc 0900>", None),
+        ("< loc0512 >< loc0256 >< loc0100 >< loc0900 >", None),
+        ("<locNaN><loc0256><loc0100><loc0900>", None),
+        ("<loc+512><loc0256><loc0100><loc0900>", None),
+        ("<loc0512><loc0256><loc0100><loc0900", None),  # last token cut before its ">"
+        ("<loc0512><loc0256><loc1024><loc0900>", None),  # out of range inside the answer
         ("[(0.25, 0.5), (0.9, 0.1)]", None),  # another codec's format
         ("I cannot see the object.", None),
     ],
@@ -183,6 +193,16 @@ _KJ = '{"Grasp Point": ["397", "093"], "Pre-contact Point": ["120", "845"]}'
         ("Grasp Point: (397, 93), Pre-contact Point: (120, 845)", _KV),  # KALIE string format
         ("The answer is Grasp Point: (397,93), Pre-contact Point: (120,  845).", _KV),
         ('{"Grasp Point": [0, 999], "Pre-contact Point": [1, 10]}', [[0.0, 0.999], [0.001, 0.01]]),
+        ('{"Grasp Point": ["999", "000"], "Pre-contact Point": ["0", "999.9"]}', [[0.999, 0.0], [0.0, 0.999]]),
+        ('"Grasp Point": ["397", "093"], "Pre-contact Point": ["120", "845"]', _KV),  # no braces
+        ('{"Grasp Point": ["397", "093"] "Pre-contact Point": ["120", "845"]}', _KV),  # missing comma
+        ('{"Grasp Point": ("397", "093"), "Pre-contact Point": ("120", "845")}', _KV),  # tuples
+        ("Use the format {x, y}. Answer: " + _KJ, _KV),  # the first "{" is not the answer
+        ("{'grasp point': ['397', '093'], 'pre-contact point': ['120', '845'],}", _KV),
+        ("GRASP POINT: (397, 93), PRE-CONTACT POINT: (120, 845)", _KV),
+        ("Grasp Point : [ 397 , 93 ] Pre-contact Point : [ '120' , '845' , ]", _KV),
+        ("The Grasp Point is on the handle.\n" + _KJ, _KV),
+        (_KJ + '\n{"Grasp Point": ["1", "2"], "Pre-contact Point": ["3", "4"]}', _KV),  # first object wins
         ("", None),
         ("no keypoints here", None),
         ("{", None),
@@ -197,6 +217,15 @@ _KJ = '{"Grasp Point": ["397", "093"], "Pre-contact Point": ["120", "845"]}'
         ('[["397", "093"], ["120", "845"]]', None),  # list, no names
         ("Grasp Point: (397, 93)", None),  # string format, point missing
         ("Grasp Point: (0.397, 0.093), Pre-contact Point: (0.120, 0.845)", None),  # not 0-1000 ints
+        ('{"Grasp Point": ["1000", "093"], "Pre-contact Point": ["120", "845"]}', None),  # out of 0..999
+        ('{"Grasp Point": ["397", "-5"], "Pre-contact Point": ["120", "845"]}', None),
+        ("Grasp Point: (397, 93), Pre-contact Point: (1200, 845)", None),
+        ('{"Grasp Point": ["NaN", "093"], "Pre-contact Point": ["120", "845"]}', None),
+        ('{"Grasp Point": [NaN, 93], "Pre-contact Point": [120, 845]}', None),
+        ('{"Grasp Point": [Infinity, 93], "Pre-contact Point": [120, 845]}', None),
+        ('{"Grasp Point": [true, 93], "Pre-contact Point": [120, 845]}', None),
+        ('{"Grasp": ["397", "093"], "Pre-contact": ["120", "845"]}', None),  # names without "Point"
+        ('{\n    "Grasp Point": [\n        "397",\n        "093"\n    ],\n    "Pre-contact Point": [\n        "1', None),
     ],
 )
 def test_kalie_malformed(text, expected):
@@ -210,9 +239,9 @@ def test_robopoint_encode_exact():
     codec = RoboPointTupleCodec()
     assert codec.encode(np.array([[0.512, 0.334], [0.1, 0.9]])) == "[(0.512, 0.334), (0.100, 0.900)]"
     assert codec.encode(np.array([[0.3334, 0.9996]])) == "[(0.333, 1.000)]"
-    assert codec.encode(KP5) == (
-        "[(0.250, 0.500), (0.000, 0.000), (1.000, 1.000), (0.100, 0.900), (-0.200, 1.500)]"
-    )
+    # Clipped to the image like the other codecs (the prompt asks for coordinates between 0 and 1).
+    assert codec.encode(KP5) == "[(0.250, 0.500), (0.000, 0.000), (1.000, 1.000), (0.100, 0.900), (0.000, 1.000)]"
+    assert codec.encode(np.array([[-0.0, -0.0001]])) == "[(0.000, 0.000)]"
 
 
 def test_robopoint_round_trip():
@@ -246,6 +275,17 @@ _RT = "[(0.512, 0.334), (0.100, 0.900)]"
         (None, "[(0.512, 0.334), (0.1, 0.2, 0.3), (0.100, 0.900)]", _RV),  # 3-tuple is not a point
         (2, "[(0.512, 0.334), (0.100, 0.900), (0.700, 0.700)]", _RV),  # extras truncated
         (2, "[(0.512, 0.334), (0.100, 0.900), (0.7", _RV),
+        (None, "[('0.512', '0.334'), ('0.100', '0.900')]", _RV),  # quoted numbers
+        (None, '[("0.512", "0.334"), ("0.100", "0.900")]', _RV),
+        (None, "[(0.512, 0.334,), (0.100, 0.900,),]", _RV),  # trailing commas
+        (None, "[(0.512, 0.334), (0.100, 0.900]", _RV),  # ")" missing before "]"
+        (None, "(0.512, 0.334), (0.100, 0.900)]", _RV),  # "[" missing
+        (None, "Points (normalised): [(0.512, 0.334), (0.100, 0.900)]", _RV),  # prose in parentheses
+        (None, "Each (x, y) pair: [(0.512, 0.334), (0.100, 0.900)]", _RV),
+        (None, "[(0.512, 0.334)] and [(0.100, 0.900)]", _RV),
+        (None, _RT + "</s>", _RV),
+        (None, "[(0.5120, 0.3340), (1e-1, 9e-1)]", _RV),
+        (None, "[(1.000, 0.000), (0, 1)]", [[1.0, 0.0], [0.0, 1.0]]),
         (None, "", None),
         (None, "[]", None),
         (None, "no points", None),
@@ -257,6 +297,16 @@ _RT = "[(0.512, 0.334), (0.100, 0.900)]"
         (None, "[(, )]", None),
         (None, "[(0.1, 0.2, 0.3)]", None),
         (None, "<loc0512><loc0256>", None),
+        (None, "[(1.5, 0.334)]", None),  # out of [0, 1]
+        (None, "[(0.512, 0.334), (-0.100, 0.900)]", None),  # one bad point fails the answer
+        (None, "[(320, 240), (100, 50)]", None),  # pixels, not normalised
+        (None, "[(nan, 0.334)]", None),
+        (None, "[(0.512, NaN), (0.100, 0.900)]", None),
+        (None, "[(inf, 0.5)]", None),
+        (None, "[[0.512, 0.334], [0.100, 0.900]]", None),  # lists, not tuples
+        (None, "[(0,512, 0,334)]", None),  # decimal commas
+        (None, "[(0.512; 0.334)]", None),
+        (None, "The object is not visible in the image.", None),
         (2, "[(0.512, 0.334)]", None),  # too few for num_points
         (2, "[(0.512, 0.334), (0.1", None),  # truncated, then too few
     ],
@@ -350,3 +400,44 @@ def test_make_codec():
         make_codec("nope")
     for name in CODECS:
         assert name in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- property
+
+
+def _grid_cases(seed: int, count: int = 300):
+    """Random keypoint sets on each codec's grid: (codec, keypoints) with a random point count and grid."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        k = int(rng.integers(1, 9))
+        names = tuple(f"P{i} Point" for i in range(k))
+        bins = int(rng.choice([1, 2, 7, 100, 1024, 10_000]))
+        yield PaliGemmaLocCodec(names, bins=bins), (rng.integers(0, bins, (k, 2)) + 0.5) / bins
+        yield KalieJsonCodec(names), rng.integers(0, 1000, (k, 2)) / 1000
+        yield RoboPointTupleCodec(), rng.integers(0, 1001, (int(rng.integers(1, 51)), 2)) / 1000
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_round_trip_is_exact_on_each_grid(seed):
+    counts = dict.fromkeys(CODECS, 0)
+    for codec, kp in _grid_cases(seed):
+        text = codec.encode(kp)
+        np.testing.assert_array_equal(codec.decode(text), kp)  # exact, not approximately
+        assert codec.encode(codec.decode(text)) == text
+        assert codec.n_failed == 0
+        counts[codec.name] += 1
+    assert min(counts.values()) == 300
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_round_trip_off_grid_lands_on_the_nearest_grid_point(seed):
+    rng = np.random.default_rng(100 + seed)
+    for _ in range(300):
+        kp = rng.uniform(-0.1, 1.1, (5, 2))
+        inside = np.clip(kp, 0, 1)
+        for codec, tolerance in ((PaliGemmaLocCodec(), 1 / 1024), (KalieJsonCodec(), 0.001 + 1e-12),
+                                 (RoboPointTupleCodec(), 0.0005 + 1e-12)):
+            text = codec.encode(kp)
+            dec = codec.decode(text)
+            assert np.abs(dec - inside).max() <= tolerance, (codec.name, kp, text)
+            assert codec.encode(dec) == text  # decoding lands on the grid point encode chose

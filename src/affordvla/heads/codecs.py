@@ -114,34 +114,64 @@ class PaliGemmaLocCodec(KeypointCodec):
 
 
 class KalieJsonCodec(KeypointCodec):
-    """KALIE's target text: indent-4 JSON of zero-padded 3-digit strings on a 0-999 scale (kalie.md 1.3)."""
+    """KALIE's target text: indent-4 JSON of zero-padded 3-digit strings on a 0-999 scale (kalie.md 1.3).
+
+    Reading is lenient about the wrapping (prose, code fences, single quotes, trailing commas, a missing closing
+    brace, key case, KALIE's "Grasp Point: (x, y)" string format, a missing opening brace or comma) and strict
+    about the values: every named point needs exactly two finite numbers in 0..999.
+    """
 
     name = "kalie_json"
-    _STR_FMT = re.compile(r"([A-Za-z-]+ Point): \((\d+),\s*(\d+)\)")
     _TRAILING_COMMA = re.compile(r",\s*([}\]])")
+    _INT = r"\s*[\"']?(\d+)[\"']?\s*"
+
+    def __init__(self, point_names: Sequence[str] = KALIE_POINT_NAMES) -> None:
+        super().__init__(point_names)
+        # `"Name": [x, y]` or `Name: (x, y)`, quotes optional: found by name when the text is not valid JSON.
+        self._pairs = [
+            re.compile(r"(?<![\w-])[\"']?" + re.escape(n) + r"[\"']?\s*:\s*[\[(]" + self._INT + ","
+                       + self._INT + r",?\s*[\])]", re.IGNORECASE)
+            for n in self.point_names
+        ]
 
     @staticmethod
     def _fmt(v: float) -> str:
-        i = int(round(v * 1000))
+        i = round(v * 1000)  # an int for Python and numpy floats alike
         return "000" if i < 0 else "999" if i >= 1000 else f"{i:03d}"
 
     def _encode(self, kp: np.ndarray) -> str:
         return json.dumps({n: [self._fmt(x), self._fmt(y)] for n, (x, y) in zip(self.point_names, kp)}, indent=4)
 
     def _decode(self, text: str) -> np.ndarray:
+        pairs = self._pairs_from_json(text)
+        if pairs is None:
+            pairs = self._pairs_from_names(text)
+        if pairs is None:
+            raise KeypointParseError("no JSON object or 'Name: (x, y)' pair for every point")
+        return np.array([[self._coordinate(c) for c in pair] for pair in pairs])
+
+    @staticmethod
+    def _coordinate(c) -> float:
+        if isinstance(c, bool) or not isinstance(c, (int, float, str)):
+            raise KeypointParseError(f"coordinate {c!r} is not a number")
+        v = float(c)  # int(float(v)) like KALIE's scorer, so "397.9" reads as 397
+        if not 0 <= v < 1000:  # also rejects NaN and infinities
+            raise KeypointParseError(f"coordinate {c!r} outside 0..999")
+        return int(v) / 1000
+
+    def _pairs_from_json(self, text: str) -> list | None:
         obj = self._load_json(text)
-        if obj is None:  # KALIE's alternative "Grasp Point: (x, y), ..." string format
-            obj = {m[0]: [m[1], m[2]] for m in self._STR_FMT.findall(text)}
         if not obj:
-            raise KeypointParseError("no JSON object or 'Name Point: (x, y)' pairs found")
+            return None
         found = {str(k).strip().lower(): v for k, v in obj.items()}  # models sometimes change the case
-        out = []
-        for n in self.point_names:
-            v = found.get(n.lower())
-            if not isinstance(v, (list, tuple)) or len(v) != 2:
-                raise KeypointParseError(f"point {n!r} missing or not an (x, y) pair")
-            out.append([int(float(c)) / 1000 for c in v])  # int(float(v)) like KALIE's scorer
-        return np.array(out)
+        pairs = [found.get(n.lower()) for n in self.point_names]
+        if not all(isinstance(v, (list, tuple)) and len(v) == 2 for v in pairs):
+            return None
+        return pairs
+
+    def _pairs_from_names(self, text: str) -> list | None:
+        matches = [p.search(text) for p in self._pairs]
+        return None if None in matches else [m.groups() for m in matches]
 
     def _load_json(self, text: str) -> dict | None:
         start = text.find("{")
@@ -165,23 +195,41 @@ class KalieJsonCodec(KeypointCodec):
 
 
 class RoboPointTupleCodec(KeypointCodec):
-    """RoboPoint answer `[(0.512, 0.334), (0.100, 0.900)]`: any number of points, 3 decimals."""
+    """RoboPoint answer `[(0.512, 0.334), (0.100, 0.900)]`: any number of points in [0, 1], 3 decimals.
+
+    Reading collects every parenthesised pair of numbers (RoboPoint's scorer does the same): prose around them,
+    missing brackets, spacing, quotes and trailing commas are tolerated, groups that are not two numbers (prose
+    in parentheses, 3-tuples) are skipped, and a truncated last tuple drops out. A pair whose number is NaN or
+    outside [0, 1] fails the whole answer rather than being dropped or clipped.
+    """
 
     name = "robopoint"
     fixed_count = False  # RoboPoint answers carry 1..N points; names are not written
-    _NUM = r"\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*"
-    _TUPLE = re.compile(r"\(" + _NUM + "," + _NUM + r"\)")
+    # A group ends at ")" or, when the ")" is missing, at the list's "]"; an unclosed group is truncation.
+    _GROUP = re.compile(r"\(([^()\[\]]*)[)\]]")
+    _NUMBER = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|nan|inf(?:inity)?)", re.IGNORECASE)
 
     def __init__(self, point_names: Sequence[str] = KALIE_POINT_NAMES, num_points: int | None = None) -> None:
         super().__init__(point_names)
         self.num_points = num_points
 
     def _encode(self, kp: np.ndarray) -> str:
+        # Clipped like the other codecs' grids (and +0.0 turns -0.0 into 0.0, so no "-0.000").
+        kp = np.clip(kp, 0.0, 1.0) + 0.0
         return "[" + ", ".join(f"({x:.3f}, {y:.3f})" for x, y in kp) + "]"
 
     def _decode(self, text: str) -> np.ndarray:
-        # Only complete "(a, b)" tuples match, so a truncated last tuple simply drops out.
-        pts = [[float(a), float(b)] for a, b in self._TUPLE.findall(text)]
+        pts = []
+        for group in self._GROUP.findall(text):
+            items = [i.strip().strip("\"'").strip() for i in group.split(",")]
+            if len(items) == 3 and not items[2]:  # "(x, y,)"
+                items = items[:2]
+            if len(items) != 2 or not all(self._NUMBER.fullmatch(i) for i in items):
+                continue
+            xy = [float(i) for i in items]
+            if not all(0.0 <= v <= 1.0 for v in xy):  # also rejects NaN and infinities
+                raise KeypointParseError(f"point ({group}) outside [0, 1]")
+            pts.append(xy)
         need = self.num_points if self.num_points is not None else 1
         if len(pts) < need:
             raise KeypointParseError(f"{len(pts)} point tuples, need {need}")
@@ -228,7 +276,7 @@ def kalie_point_scores(
         return out
 
     def to_int(a: np.ndarray) -> list[list[int]]:
-        return [[min(max(int(round(v * 1000)), 0), 999) for v in row] for row in a]
+        return [[min(max(round(v * 1000), 0), 999) for v in row] for row in a]
 
     pi, ti = to_int(pred), to_int(target)
     mses = []

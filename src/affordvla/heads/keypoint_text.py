@@ -7,11 +7,13 @@ import re
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
 
 from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
 from affordvla.data.kalie_tasks import TASKS, kalie_prompt
 from affordvla.data.sample import KeypointSample
 from affordvla.heads.codecs import KeypointCodec, make_codec
+from affordvla.heads.constrained import TokenConstraint, codec_automaton
 
 PROMPT_STYLES = ("instruction", "kalie")
 
@@ -22,10 +24,12 @@ class KeypointTextHead(nn.Module):
     `location_sigma` > 0 replaces the one-hot target of each `<locNNNN>` answer token by a Gaussian over the
     neighbouring location tokens (sigma in bins): an answer one bin off is nearly right, and with 1024 bins the
     one-hot loss gives a tiny model almost no signal about *how* far off it is.
+
+    `constrained` decodes through the codec's answer grammar (heads/constrained.py), so every answer parses.
     """
 
     def __init__(self, codec: str = "paligemma_loc", prompt_style: str = "instruction", location_sigma: float = 0.0,
-                 max_new_tokens: int | None = None, codec_kwargs: dict | None = None):
+                 max_new_tokens: int | None = None, codec_kwargs: dict | None = None, constrained: bool = False):
         super().__init__()
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; valid: {PROMPT_STYLES}")
@@ -34,6 +38,8 @@ class KeypointTextHead(nn.Module):
         self.location_sigma = float(location_sigma)
         self._max_new_tokens = max_new_tokens
         self._location_ids: torch.Tensor | None = None
+        self.constrained = constrained
+        self._constraint: tuple[object, TokenConstraint] | None = None  # (tokenizer, its constraint)
 
     # --- text ---------------------------------------------------------------------------------------------
     def prompt(self, sample: KeypointSample) -> str:
@@ -91,7 +97,18 @@ class KeypointTextHead(nn.Module):
     @torch.no_grad()
     def predict(self, backbone: VLMBackbone, pixel_values: torch.Tensor, samples: list[KeypointSample]):
         """Greedy answers and their parsed keypoints ((K, 2) arrays, or None where the text did not parse)."""
-        texts = backbone.generate(pixel_values, [self.prompt(s) for s in samples],
-                                  max_new_tokens=self.max_new_tokens(backbone, samples[0]))
+        max_new_tokens = self.max_new_tokens(backbone, samples[0])
+        kwargs = {}
+        if self.constrained:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [self.constraint(backbone).logits_processor(max_new_tokens, backbone.tokenizer.eos_token_id)])
+        texts = backbone.generate(pixel_values, [self.prompt(s) for s in samples], max_new_tokens=max_new_tokens,
+                                  **kwargs)
         return texts, [self.codec.try_decode(t) for t in texts]
+
+    def constraint(self, backbone: VLMBackbone) -> TokenConstraint:
+        """The codec's answer grammar over the backbone's vocabulary, built once per tokenizer."""
+        if self._constraint is None or self._constraint[0] is not backbone.tokenizer:
+            self._constraint = (backbone.tokenizer, TokenConstraint(codec_automaton(self.codec), backbone.tokenizer))
+        return self._constraint[1]
 
