@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from affordvla.backbones.base import BackboneLoadError, VLMBackbone
+from affordvla.backbones.cogvlm.modeling import CogVLMBackbone
 from affordvla.backbones.finetuning import (
     LoraSettings,
     apply_lora,
@@ -19,7 +20,8 @@ from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, type[VLMBackbone]] = {"paligemma": PaliGemmaBackbone, "llava": LlavaBackbone}
+FAMILIES: dict[str, type[VLMBackbone]] = {"paligemma": PaliGemmaBackbone, "llava": LlavaBackbone,
+                                          "cogvlm": CogVLMBackbone}
 
 
 def load_backbone(family: str, pretrained: str, build: Callable[[Path], Path] | None = None,
