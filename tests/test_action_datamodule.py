@@ -57,11 +57,15 @@ def test_wrong_configuration_is_explained(tmp_path):
         ActionWindowDataModule("oxe", str(tmp_path))
 
 
-def test_the_keypoint_entrypoint_refuses_episode_datasets(tmp_path):
+def test_the_entrypoint_refuses_a_module_that_does_not_match_the_data(tmp_path):
     from conftest import compose_train
 
     from affordvla.train import train
 
     cfg = compose_train(["dataset=calvin", f"dataset.root={tmp_path}", "logger=none"], tmp_path / "run")
-    with pytest.raises(ValueError, match="yields action_window samples, but this entrypoint trains the keypoint"):
+    with pytest.raises(ValueError, match="yields action_window samples but module affordvla.module.AffordVLAModule "
+                                         "trains on keypoints samples; use module=action_policy"):
+        train(cfg)
+    cfg = compose_train(["module=action_policy", "head=lstm", "logger=none"], tmp_path / "run2")
+    with pytest.raises(ValueError, match="yields keypoints samples .* use module=keypoint_text with head=keypoint_text"):
         train(cfg)

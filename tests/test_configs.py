@@ -13,8 +13,9 @@ from omegaconf import OmegaConf, open_dict
 
 from affordvla.train import CONFIG_DIR
 
-GROUPS = ["paths", "backbone", "head", "dataset", "synthesis", "trainer", "logger", "callbacks", "hydra",
+GROUPS = ["paths", "backbone", "head", "module", "dataset", "synthesis", "trainer", "logger", "callbacks", "hydra",
           "experiment", "debug"]
+ACTION_HEADS = ("lstm", "gpt", "mlp", "discrete", "text_actions")
 
 
 def _options(group: str) -> list[str]:
@@ -43,7 +44,7 @@ def test_every_option_composes(group, option, tmp_path):
         overrides.append("backbone.pretrained=/some/local/checkpoint")
     if group == "backbone" and option == "robopoint":
         overrides.append("backbone.vision_tower=/some/local/clip")
-    if group == "dataset" and option != "toy_kalie":
+    if group == "dataset" and not option.startswith("toy_"):
         overrides.append("dataset.root=/some/kalie/data")
     cfg = _compose(overrides, tmp_path)
     # Everything outside hydra: resolves (no missing values, no broken interpolations).
@@ -51,7 +52,13 @@ def test_every_option_composes(group, option, tmp_path):
     with open_dict(job):
         del job["hydra"]
     resolved = OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
-    assert resolved["module"]["_target_"] == "affordvla.module.AffordVLAModule"
+    action = (group == "module" and option == "action_policy") or (group == "head" and option in ACTION_HEADS) or (
+        group == "experiment" and option.startswith("toy_actions"))
+    expected = "affordvla.policy_module.ActionPolicyModule" if group != "head" else "affordvla.module.AffordVLAModule"
+    assert resolved["module"]["_target_"] == (expected if action else "affordvla.module.AffordVLAModule")
+    if group == "experiment" and action:  # an action experiment pairs the module, head and episode data
+        assert resolved["dataset"]["_target_"].endswith("ActionWindowDataModule")
+        assert resolved["optimized_metric"] == "val/action_mse"
 
 
 def test_default_composition_is_the_embedded_default(tmp_path):

@@ -49,15 +49,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     choices, overrides, output_dir = _hydra_runtime()
 
     datamodule = instantiate(cfg.dataset)
-    if getattr(datamodule, "sample_kind", "keypoints") != "keypoints":
-        # checked before the backbone is built: a mismatch should cost seconds, not a checkpoint build
-        raise ValueError(f"dataset {cfg.dataset.get('name', cfg.dataset.get('source'))!r} yields "
-                         f"{datamodule.sample_kind} samples, but this entrypoint trains the keypoint-text head; "
-                         "episode datasets are read by affordvla.data.action_datamodule for the action heads")
+    _check_pairing(cfg, datamodule)
     backbone = instantiate(cfg.backbone)
     head = instantiate(cfg.head)
     module = instantiate(cfg.module, backbone=backbone, head=head)
-    datamodule.collate = module.make_collate()
+    if hasattr(module, "make_collate"):
+        datamodule.collate = module.make_collate()
 
     tags = run_tags(choices, cfg.task_name)
     loggers = _instantiate_group(cfg.get("logger"), tags=tags)
@@ -91,6 +88,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("export_dir") and cfg.train and not trainer.fast_dev_run:
         export_backbone(backbone, cfg.export_dir, merge=True)
+        if hasattr(module, "export_policy"):
+            module.export_policy(cfg.export_dir)
         Path(cfg.export_dir, "dataset_metadata.json").write_text(json.dumps(datamodule.metadata(), indent=2))
     metrics_file = output_dir / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -102,8 +101,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _check_pairing(cfg: DictConfig, datamodule) -> None:
+    """The module must train on the kind of samples the dataset yields. Checked before the backbone is built: a
+    mismatch should cost seconds, not a checkpoint build."""
+    from hydra.utils import get_class
+
+    wanted = getattr(get_class(cfg.module._target_), "sample_kind", "keypoints")
+    given = getattr(datamodule, "sample_kind", "keypoints")
+    if wanted != given:
+        name = cfg.dataset.get("name", cfg.dataset.get("source"))
+        hint = ("module=action_policy with an action head (lstm, gpt, mlp, discrete, text_actions)"
+                if given == "action_window" else "module=keypoint_text with head=keypoint_text")
+        raise ValueError(f"dataset {name!r} yields {given} samples but module {cfg.module._target_} trains on "
+                         f"{wanted} samples; use {hint}")
+
+
 def _report(metrics: dict[str, float]) -> None:
-    shown = {k: v for k, v in metrics.items() if k.startswith("test/") or k == "train_seconds"}
+    shown = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/")) or k == "train_seconds"}
     if shown:
         log.info("results: %s", json.dumps({k: round(v, 4) for k, v in sorted(shown.items())}))
 
@@ -127,7 +141,7 @@ def _close_mlflow_runs() -> None:
 
         while mlflow.active_run() is not None:
             mlflow.end_run()
-    except Exception:  # noqa: BLE001 - closing must never mask the original error
+    except Exception:
         log.exception("could not close the MLflow run")
 
 

@@ -51,6 +51,16 @@ def pack_prompts_and_answers(prefixes: list[list[int]], suffixes: list[list[int]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask, "labels": labels}
 
 
+def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) padding mask -> (B, 1, L, L) boolean causal mask, passed to the language model as is. Explicit
+    because a language model called on its own may default to bidirectional attention (PaliGemma's Gemma config
+    sets `use_bidirectional_attention`). Every position may see itself, so rows of padding never go empty."""
+    length = attention_mask.shape[1]
+    lower = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = lower[None] & attention_mask.bool()[:, None, :]
+    return (mask | torch.eye(length, dtype=torch.bool, device=attention_mask.device))[:, None]
+
+
 class BackboneLoadError(ValueError):
     """A backbone checkpoint directory is missing, incomplete or of another family."""
 
@@ -144,7 +154,8 @@ class VLMBackbone(nn.Module, abc.ABC):
 
     def hidden_states(self, inputs_embeds: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last hidden states (B, L, hidden) of the language model over `inputs_embeds`, causal attention."""
-        out = self.model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=inputs["attention_mask"],
+        out = self.model.model.language_model(inputs_embeds=inputs_embeds,
+                                              attention_mask=causal_mask(inputs["attention_mask"]),
                                               position_ids=inputs["position_ids"], use_cache=False)
         return out.last_hidden_state
 

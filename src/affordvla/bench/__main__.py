@@ -54,7 +54,14 @@ def bench_data() -> dict[str, float]:
     return data.run()
 
 
-BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data}
+def bench_heads() -> dict[str, float]:
+    from affordvla.bench import heads
+
+    return heads.run()
+
+
+BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data,
+              "heads": bench_heads}
 
 
 def main(argv: list[str] | None = None) -> None:

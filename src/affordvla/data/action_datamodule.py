@@ -44,7 +44,7 @@ class ActionWindowDataModule(L.LightningDataModule):
     def __init__(self, source: str, root: str, name: str | None = None, train_split: str = "training",
                  val_split: str = "validation", window_size: int = 8, chunk_size: int = 10,
                  cache_dir: str | None = None, batch_size: int = 8, num_workers: int = 0, seed: int = 0,
-                 cameras: tuple[str, ...] = ("rgb_static", "rgb_gripper")):
+                 cameras: tuple[str, ...] = ("rgb_static", "rgb_gripper"), generate: dict | None = None):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown episode source {source!r}; valid: {list(SOURCES)}")
@@ -56,6 +56,8 @@ class ActionWindowDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.cameras = tuple(cameras)
+        # settings of the project's toy action dataset (data/toy_actions.py), written to `root` on first use
+        self.generate = dict(generate) if generate else None
         self.splits: dict[str, Dataset] = {}
         self.statistics: dict[str, Any] | None = None
 
@@ -93,6 +95,12 @@ class ActionWindowDataModule(L.LightningDataModule):
         anchor = "forward" if self.source == "calvin" else "history"
         return CachedWindowDataset(path, self.window_size, self.chunk_size, anchor=anchor)
 
+    def prepare_data(self) -> None:
+        if self.generate is not None:
+            from affordvla.data.toy_actions import ToyActionSettings, write_toy_actions
+
+            write_toy_actions(self.root, ToyActionSettings(**self.generate))
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -129,3 +137,6 @@ class ActionWindowDataModule(L.LightningDataModule):
         return DataLoader(self.splits["val"], batch_size=self.batch_size, shuffle=False,
                           collate_fn=collate_action_windows, num_workers=self.num_workers)
 
+    def test_dataloader(self) -> DataLoader:
+        # CALVIN and the OXE datasets have no separate test split: offline figures are on the validation split
+        return self.val_dataloader()

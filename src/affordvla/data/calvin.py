@@ -198,8 +198,20 @@ def write_calvin_split(root: str | Path, episodes: list[int], segments: list[tup
     for length in episodes:
         ranges.append((frame, frame + length - 1))
         for index in range(frame, frame + length):
-            np.savez_compressed(frame_path(root, index), **fixture_frame(index, seed))
+            save_frame(root, index, fixture_frame(index, seed))
         frame += length
+    write_split_index(root, ranges, segments)
+    return root
+
+
+def save_frame(root: Path, index: int, frame: dict[str, np.ndarray]) -> None:
+    """One `episode_XXXXXXX.npz`; keys CALVIN has that `frame` lacks are written as zeros of their shape."""
+    full = {key: np.zeros(shape, dtype) for key, (dtype, shape) in FRAME_KEYS.items() if key not in frame}
+    np.savez_compressed(frame_path(root, index), **full, **frame)
+
+
+def write_split_index(root: Path, ranges: list[tuple[int, int]], segments: list[tuple[int, int, str, str]]) -> None:
+    """`ep_start_end_ids.npy` and `lang_annotations/auto_lang_ann.npy` (CALVIN's pickled dict layout)."""
     np.save(root / "ep_start_end_ids.npy", np.array(ranges, dtype=np.int64))
     (root / "lang_annotations").mkdir(exist_ok=True)
     annotations = {
@@ -208,7 +220,6 @@ def write_calvin_split(root: str | Path, episodes: list[int], segments: list[tup
         "info": {"episodes": [], "indx": [(s[0], s[1]) for s in segments]},
     }
     np.save(root / "lang_annotations" / "auto_lang_ann.npy", annotations, allow_pickle=True)
-    return root
 
 
 def fixture_frame(index: int, seed: int = 0) -> dict[str, np.ndarray]:
