@@ -44,7 +44,9 @@ def test_every_option_composes(group, option, tmp_path):
         overrides.append("backbone.pretrained=/some/local/checkpoint")
     if group == "backbone" and option == "robopoint":
         overrides.append("backbone.vision_tower=/some/local/clip")
-    if group == "dataset" and not option.startswith("toy_"):
+    needs_root = (group == "dataset" and not option.startswith("toy_")) or (
+        group == "experiment" and option.startswith("robopoint"))  # data on disk, no generator
+    if needs_root:
         overrides.append("dataset.root=/some/kalie/data")
     cfg = _compose(overrides, tmp_path)
     # Everything outside hydra: resolves (no missing values, no broken interpolations).

@@ -112,10 +112,11 @@ def test_toy_dataset_is_a_calvin_split_with_scripted_actions(toy_root):
     assert sample.instruction.startswith("pick up the ") and sample.instruction.endswith(" block")
     first = sample.actions[0, 0]
     assert np.abs(first[:2]).max() <= 1 and first[6] in (-1.0, 1.0) and not first[3:6].any()
-    # the expert: saturated reach far away, proportional near, close on arrival, then lift
+    # the expert: proportional reach (offset / 0.5, saturating at +-1), close on arrival, then lift
     target = np.array([0.5, 0.5])
-    assert scripted_action(np.array([0.1, 0.45]), 0.3, False, target) == pytest.approx([1, 0.5, 0, 0, 0, 0, 1])
-    assert scripted_action(np.array([0.45, 0.5]), 0.3, False, target) == pytest.approx([0.5, 0, 0, 0, 0, 0, 1])
+    assert scripted_action(np.array([0.1, 0.45]), 0.3, False, target) == pytest.approx([0.8, 0.1, 0, 0, 0, 0, 1])
+    assert scripted_action(np.array([0.95, 0.5]), 0.3, False, target) == pytest.approx([-0.9, 0, 0, 0, 0, 0, 1])
+    assert scripted_action(np.array([0.0, 1.0]), 0.3, False, target).tolist() == [1, -1, 0, 0, 0, 0, 1]  # saturated
     assert scripted_action(np.array([0.49, 0.5]), 0.3, False, target).tolist() == [0, 0, 0, 0, 0, 0, -1]
     assert scripted_action(np.array([0.49, 0.5]), 0.35, True, target).tolist() == [0, 0, 1, 0, 0, 0, -1]
 
@@ -201,20 +202,24 @@ def test_export_round_trip_gives_identical_actions(toy_root, tiny_backbone_dir, 
 # --- learning ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mlp", "lstm", "gpt"])
-def test_continuous_heads_overfit_a_fixed_batch(name, toy_root, tiny_backbone_dir):
-    dm = _datamodule(toy_root, window=2)
-    module = _module(tiny_backbone_dir, dm, functools.partial(HEADS[name], hidden_size=64))
-    batch = _batch(dm)
+def _assert_loss_falls_20x(module: ActionPolicyModule, batch, steps: int) -> None:
     optimizer = module.configure_optimizers()
     losses = []
-    for _ in range(150):
+    for _ in range(steps):
         loss = module.compute_loss(batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 20, [round(v, 4) for v in losses[::10]]
+
+
+@pytest.mark.parametrize("name", ["mlp", "lstm", "gpt"])
+def test_continuous_heads_overfit_a_fixed_batch(name, toy_root, tiny_backbone_dir):
+    dm = _datamodule(toy_root, window=2)
+    module = _module(tiny_backbone_dir, dm, functools.partial(HEADS[name], hidden_size=64))
+    batch = _batch(dm)
+    _assert_loss_falls_20x(module, batch, steps=150)
 
 
 @pytest.mark.parametrize("kind", ["discrete", "text_actions"])
@@ -223,19 +228,11 @@ def test_language_heads_overfit_a_fixed_batch(kind, toy_root, tiny_backbone_dir)
     head = DiscreteActionHead(bins=256) if kind == "discrete" else TextActionHead(history_steps=1, state_dims=3)
     module = _module(tiny_backbone_dir, dm, head)
     batch = _batch(dm)
-    optimizer = module.configure_optimizers()
-    losses = []
-    for _ in range(80):
-        loss = module.compute_loss(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] / 20, [round(v, 4) for v in losses[::10]]
+    _assert_loss_falls_20x(module, batch, steps=150)
     predicted, target, mask = module.predict_first_actions(batch)
     assert predicted.shape == target.shape == (4, 7) and mask.all()
     assert getattr(head, "n_failed", 0) == 0  # every greedy answer parsed
-    # mostly memorised (a tiny model may still miss a digit of one sample after 80 steps)
+    # mostly memorised (a tiny model may still miss a digit of one sample)
     assert np.abs(predicted - target).mean() < 0.1, (predicted, target)
 
 

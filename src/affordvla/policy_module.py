@@ -66,6 +66,7 @@ class ActionPolicyModule(L.LightningModule):
         self.normalizer: ActionNormalizer | None = None
         self.dataset_metadata: dict[str, Any] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.last_predictions: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._eval: dict[str, list] = {}
 
     # --- construction from dataset metadata ---------------------------------------------------------------
@@ -231,6 +232,9 @@ class ActionPolicyModule(L.LightningModule):
 
     def _end_eval(self, split: str) -> None:
         predicted, target, mask = (np.concatenate(parts) for parts in zip(*self._eval.pop(split)))
+        window = 1 if self.is_language_head else int(self.dataset_metadata["window_size"])
+        # each window's first frame, in loader order: consecutive frames of the episodes, for the trace plots
+        self.last_predictions[split] = tuple(a.reshape(-1, window, *a.shape[1:])[:, 0] for a in (predicted, target, mask))
         low = self.normalizer.gripper_low
         metrics = action_metrics(predicted, target, mask, gripper_threshold=(low + 1) / 2)
         mean = self.dataset_metadata.get("action_statistics", {}).get("mean")

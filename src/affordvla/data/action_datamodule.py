@@ -1,13 +1,19 @@
-"""LightningDataModule for episode datasets (CALVIN, Open X-Embodiment) that yield ActionWindowSamples.
+"""LightningDataModule for episode datasets (CALVIN, Open X-Embodiment, RLBench) that yield ActionWindowSamples.
 
 It reads the source format directly or, with `cache_dir` set, through the HDF5 episode cache, which it builds on
-first use (`affordvla-data convert` builds the same file ahead of time). The window semantics stay those of the
-source: CALVIN windows start at a frame (RoboVLMs), OXE windows end at one (OpenVLA). `metadata()` gives what a
-head needs to size itself: action dimension, window and chunk sizes, cameras and action statistics.
+first use (`affordvla-data convert` builds the same file ahead of time); OXE and RLBench are read through the cache
+only. The window semantics stay those of the source: CALVIN windows start at a frame (RoboVLMs), OXE and RLBench
+windows end at one (OpenVLA; LLARVA's "previous five (including current) steps"). `metadata()` gives what a head
+needs to size itself: action dimension, window and chunk sizes, cameras and action statistics.
+
+RLBench splits are folders of task folders, `{root}/{split}/{task}/` (PerAct's layout), in either episode layout
+(data/rlbench.py). Its actions are LLARVA's: the next step's 7 joint velocities and gripper_open (1 open, 0 closed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from affordvla.data.sample import ActionWindowSample
 
 log = logging.getLogger(__name__)
-SOURCES = ("calvin", "oxe")
+SOURCES = ("calvin", "oxe", "rlbench")
 
 
 def collate_action_windows(samples: list[ActionWindowSample]) -> dict[str, Any]:
@@ -44,7 +50,8 @@ class ActionWindowDataModule(L.LightningDataModule):
     def __init__(self, source: str, root: str, name: str | None = None, train_split: str = "training",
                  val_split: str = "validation", window_size: int = 8, chunk_size: int = 10,
                  cache_dir: str | None = None, batch_size: int = 8, num_workers: int = 0, seed: int = 0,
-                 cameras: tuple[str, ...] = ("rgb_static", "rgb_gripper"), generate: dict | None = None):
+                 cameras: tuple[str, ...] = ("rgb_static", "rgb_gripper"), generate: dict | None = None,
+                 tasks: list[str] | None = None):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown episode source {source!r}; valid: {list(SOURCES)}")
@@ -56,6 +63,14 @@ class ActionWindowDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.cameras = tuple(cameras)
+        if source == "rlbench":
+            from affordvla.data.rlbench import CAMERAS
+
+            unknown = [cam for cam in self.cameras if cam not in CAMERAS]
+            if unknown or not self.cameras:
+                raise ValueError(f"RLBench cameras {unknown or '[]'} are not among {list(CAMERAS)}")
+        # RLBench: the task folders of each split to read; None = all of them
+        self.tasks = None if tasks is None else [str(t) for t in tasks]
         # settings of the project's toy action dataset (data/toy_actions.py), written to `root` on first use
         self.generate = dict(generate) if generate else None
         self.splits: dict[str, Dataset] = {}
@@ -64,13 +79,39 @@ class ActionWindowDataModule(L.LightningDataModule):
     # --- building the datasets ----------------------------------------------------------------------------
     def _cache_path(self, split: str) -> Path:
         label = self.name or self.root.name
+        if self.source == "rlbench":  # another task list or camera set is another cache, not a clash
+            label += "_" + hashlib.sha1(self._rlbench_source(split).encode()).hexdigest()[:10]
         return self.cache_dir / f"{self.source}_{label}_{self.split_names[split]}.h5"
 
+    def _rlbench_tasks(self, split: str) -> list[Path]:
+        split_dir = self.root / self.split_names[split]
+        if not split_dir.is_dir():
+            raise ValueError(f"RLBench split folder {split_dir} does not exist (expected {{root}}/{{split}}/{{task}}/)")
+        if self.tasks is None:
+            folders = sorted(p for p in split_dir.iterdir() if p.is_dir())
+            if not folders:
+                raise ValueError(f"RLBench split folder {split_dir} holds no task folders")
+            return folders
+        missing = [t for t in self.tasks if not (split_dir / t).is_dir()]
+        if missing:
+            raise ValueError(f"RLBench tasks {missing} have no folder in {split_dir}")
+        return [split_dir / t for t in self.tasks]
+
+    def _rlbench_source(self, split: str) -> str:
+        return json.dumps({"root": str(self.root), "split": self.split_names[split], "cameras": list(self.cameras),
+                           "tasks": [p.name for p in self._rlbench_tasks(split)]})
+
     def _episodes(self, split: str):
-        from affordvla.data.h5cache import calvin_episodes, oxe_episodes
+        from affordvla.data.h5cache import (
+            calvin_episodes,
+            oxe_episodes,
+            rlbench_episodes,
+        )
 
         if self.source == "calvin":
             return calvin_episodes(self.root / self.split_names[split], cameras=self.cameras)
+        if self.source == "rlbench":
+            return (record for task in self._rlbench_tasks(split) for record in rlbench_episodes(task, self.cameras))
         return oxe_episodes(self.root, self.name, self.split_names[split])
 
     def _native(self, split: str) -> Dataset:
@@ -79,6 +120,9 @@ class ActionWindowDataModule(L.LightningDataModule):
 
             return CalvinWindowDataset(self.root / self.split_names[split], self.window_size, self.chunk_size,
                                        cameras=self.cameras)
+        if self.source == "rlbench":
+            raise ValueError("RLBench is read through the HDF5 episode cache (its pickles and PNGs are slow to "
+                             "reread every epoch): give `cache_dir`")
         raise ValueError("Open X-Embodiment is streamed; give `cache_dir` for a map-style dataset, or use "
                          "affordvla.data.oxe.OXEMixtureStream")
 
@@ -90,9 +134,10 @@ class ActionWindowDataModule(L.LightningDataModule):
         path = self._cache_path(split)
         if not is_complete(path):
             log.info("building the HDF5 cache %s", path)
-            convert(self._episodes(split), path, source=f"{self.root}:{self.name}:{self.split_names[split]}",
-                    source_format=self.source)
-        anchor = "forward" if self.source == "calvin" else "history"
+            source = (self._rlbench_source(split) if self.source == "rlbench"
+                      else f"{self.root}:{self.name}:{self.split_names[split]}")
+            convert(self._episodes(split), path, source=source, source_format=self.source)
+        anchor = "forward" if self.source == "calvin" else "history"  # RLBench: LLARVA's history ends at t
         return CachedWindowDataset(path, self.window_size, self.chunk_size, anchor=anchor)
 
     def prepare_data(self) -> None:
@@ -112,13 +157,26 @@ class ActionWindowDataModule(L.LightningDataModule):
             from affordvla.data.calvin import CalvinWindowDataset
 
             return CalvinWindowDataset(self.root / self.split_names["train"], 1, 1, cameras=()).action_statistics()
+        if self.source == "rlbench":
+            return self._cached_action_statistics(self._cache_path("train"))
         from affordvla.data.oxe import RLDSDataset
 
         return RLDSDataset.open(self.root, self.name).action_statistics()
 
+    @staticmethod
+    def _cached_action_statistics(path: Path) -> dict[str, Any]:
+        """q01 / q99 / mean / std / min / max over every step of every cached training episode (each step once)."""
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            values = np.concatenate([f["episodes"][e]["actions"][()] for e in sorted(f["episodes"])]).astype(np.float64)
+        return {"count": len(values), "mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
+                "q01": np.quantile(values, 0.01, axis=0).tolist(), "q99": np.quantile(values, 0.99, axis=0).tolist(),
+                "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+
     def metadata(self) -> dict[str, Any]:
         first = self.splits["train"][0]
-        return {
+        meta = {
             "source": self.source, "root": str(self.root), "name": self.name,
             "sizes": {split: len(data) for split, data in self.splits.items()},
             "action_dim": int(first.actions.shape[-1]), "window_size": self.window_size,
@@ -126,6 +184,9 @@ class ActionWindowDataModule(L.LightningDataModule):
             "state_dim": None if first.state is None else int(first.state.shape[-1]),
             "action_statistics": self.statistics,
         }
+        if self.source == "rlbench":
+            meta["tasks"] = [p.name for p in self._rlbench_tasks("train")]
+        return meta
 
     # --- loaders ------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

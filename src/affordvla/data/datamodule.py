@@ -1,6 +1,7 @@
-"""LightningDataModule for keypoint datasets in KALIE's format (generated or on disk).
+"""LightningDataModules for keypoint datasets: KALIE's format (generated or on disk) here, RoboPoint's in
+robopoint_datamodule.py, both on the shared `KeypointDataModule` base (loaders, resumable sampler, HDF5 cache).
 
-It knows nothing of models: the LightningModule hands it a `collate` function (backbone processor + head codec)
+They know nothing of models: the LightningModule hands them a `collate` function (backbone processor + head codec)
 before the loaders are built.
 """
 
@@ -18,7 +19,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie import (
-    KalieEntry,
     KalieFormatError,
     kalie_split,
     load_kalie_sample,
@@ -33,17 +33,18 @@ log = logging.getLogger(__name__)
 
 
 class KeypointDataset(Dataset):
-    """Entries of one split; samples are loaded on first access and kept (datasets here are small images).
+    """Index entries of one split (KALIE's, or any the `loader` reads); samples are loaded on first access and kept
+    (datasets here are small images).
 
     Evaluation splits may take a fixed `centre_crop_fraction` (KALIE's 450/700 view). The training split may
     take an `augmentation`; it is then indexed by `(index, epoch)` pairs and seeds each draw from
     (seed, epoch, index), so augmentations are reproducible and a resumed run sees the same ones.
     """
 
-    def __init__(self, entries: list[KalieEntry], cache: bool = True, *,
+    def __init__(self, entries: list[Any], cache: bool = True, *,
                  augmentation: KalieAugmentation | None = None, augmentation_seed: int = 0,
                  centre_crop_fraction: float | None = None,
-                 loader: Callable[[KalieEntry], KeypointSample] = load_kalie_sample):
+                 loader: Callable[[Any], KeypointSample] = load_kalie_sample):
         self.entries = entries
         self.loader = loader
         self.cache = cache
@@ -74,9 +75,83 @@ class KeypointDataset(Dataset):
         return sample
 
 
-class KalieDataModule(L.LightningDataModule):
+class KeypointDataModule(L.LightningDataModule):
+    """What every keypoint datamodule shares: `splits` of KeypointDatasets, the collate the module provides, the
+    step-resumable training sampler, evaluation loaders and the optional HDF5 sample cache. Subclasses build
+    `splits` in `setup` and define `train_keypoint_mean` (the mean baseline the evaluator scores)."""
+
     sample_kind = "keypoints"
 
+    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int, sampler_seed: int,
+                 max_val_samples: int | None, cache_dir: str | None):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.sampler_seed = sampler_seed
+        self.max_val_samples = max_val_samples
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.collate: Callable[[list[KeypointSample]], Any] | None = None
+        self.splits: dict[str, KeypointDataset] = {}
+        self.num_skipped = 0
+
+    def train_keypoint_mean(self) -> np.ndarray:
+        """The 'predict the training mean' baseline, in the evaluation view; each dataset defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} defines no mean-keypoint baseline")
+
+    def _cached_loader(self, entries: list, path: Path, load: Callable[[Any], KeypointSample], *, source: str,
+                       source_format: str) -> Callable[[Any], KeypointSample]:
+        """Read every sample through the HDF5 cache at `path` (keyed by `entry.key`), built on first use (or by
+        `affordvla-data convert`); entries missing from an older cache are added."""
+        from affordvla.data.h5cache import KeypointCache, convert_keypoints, is_complete
+
+        cache = KeypointCache(path) if is_complete(path) else None
+        missing = [e for e in entries if cache is None or e.key not in cache]
+        if missing:
+            convert_keypoints((load(e) for e in missing), path, source=source, source_format=source_format,
+                              total=len(missing))
+            cache = KeypointCache(path)
+        return lambda entry: cache.get(entry.key)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"sizes": {s: len(d) for s, d in self.splits.items()}, "skipped": self.num_skipped}
+
+    # --- loaders ------------------------------------------------------------------------------------------
+    def _require_collate(self) -> Callable:
+        if self.collate is None:
+            raise RuntimeError(f"{type(self).__name__}.collate is unset: the LightningModule provides it in setup()")
+        return self.collate
+
+    def _batches_done(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.splits["train"]
+        sampler = StepResumableSampler(len(dataset), self.batch_size, self.sampler_seed, self._batches_done,
+                                       with_epoch=dataset.augmentation is not None)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          collate_fn=self._require_collate(), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, split: str, limit: int | None = None) -> DataLoader:
+        dataset = self.splits[split]
+        if limit is not None and limit < len(dataset):
+            dataset = KeypointDataset(dataset.entries[:limit], centre_crop_fraction=dataset.centre_crop_fraction,
+                                      loader=dataset.loader)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self._require_collate(), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val", self.max_val_samples)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+
+class KalieDataModule(KeypointDataModule):
     def __init__(
         self,
         root: str,
@@ -94,27 +169,18 @@ class KalieDataModule(L.LightningDataModule):
         eval_centre_crop: float | None = None,
         cache_dir: str | None = None,
     ):
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir)
         self.root = Path(root)
         self.name = name
         self.generate = generate
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
         self.on_error = on_error
         self.split_seed = split_seed
         self.train_fraction = train_fraction
-        self.sampler_seed = sampler_seed
-        self.max_val_samples = max_val_samples
         self.augmentation = augmentation
         # KALIE trains on augmented crops and evaluates on the centre crop; the augmentation's crop is the default
         if eval_centre_crop is None and augmentation is not None:
             eval_centre_crop = augmentation.crop_fraction
         self.eval_centre_crop = eval_centre_crop
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.collate: Callable[[list[KeypointSample]], Any] | None = None
-        self.splits: dict[str, KeypointDataset] = {}
-        self.num_skipped = 0
 
     def prepare_data(self) -> None:
         if self.generate is not None:
@@ -137,7 +203,9 @@ class KalieDataModule(L.LightningDataModule):
             # KALIE's own split: seeded 80/20, and its validation set is its test set.
             train, test = kalie_split(list(by_key), seed=self.split_seed, train_fraction=self.train_fraction)
             keys = {"train": train, "val": test, "test": test}
-        loader = self._cached_loader(entries) if self.cache_dir is not None else load_kalie_sample
+        loader = (self._cached_loader(entries, self.cache_dir / f"kalie_{self.root.name}.h5", load_kalie_sample,
+                                     source=str(self.root), source_format="kalie")
+                  if self.cache_dir is not None else load_kalie_sample)
         self.splits = {
             split: KeypointDataset(
                 [by_key[k] for k in ks],
@@ -150,20 +218,6 @@ class KalieDataModule(L.LightningDataModule):
         }
         log.info("dataset %s: %s", self.root, {s: len(d) for s, d in self.splits.items()})
 
-    def _cached_loader(self, entries: list[KalieEntry]) -> Callable[[KalieEntry], KeypointSample]:
-        """Read every sample through an HDF5 cache of the dataset, built on first use (or by `affordvla-data
-        convert kalie`); entries missing from an older cache are added."""
-        from affordvla.data.h5cache import KeypointCache, convert_keypoints, is_complete
-
-        path = self.cache_dir / f"kalie_{self.root.name}.h5"
-        cache = KeypointCache(path) if is_complete(path) else None
-        missing = [e for e in entries if cache is None or e.key not in cache]
-        if missing:
-            convert_keypoints((load_kalie_sample(e) for e in missing), path, source=str(self.root),
-                              source_format="kalie", total=len(missing))
-            cache = KeypointCache(path)
-        return lambda entry: cache.get(entry.key)
-
     # --- statistics the rest of the framework derives from the data -----------------------------------------
     def train_keypoint_mean(self) -> np.ndarray:
         """Mean keypoints of the training split, in the evaluation view: the 'predict the mean' baseline."""
@@ -175,39 +229,4 @@ class KalieDataModule(L.LightningDataModule):
         return mean.astype(np.float32)
 
     def metadata(self) -> dict[str, Any]:
-        return {"root": str(self.root), "sizes": {s: len(d) for s, d in self.splits.items()},
-                "skipped": self.num_skipped}
-
-    # --- loaders ------------------------------------------------------------------------------------------
-    def _require_collate(self) -> Callable:
-        if self.collate is None:
-            raise RuntimeError("KalieDataModule.collate is unset: the LightningModule provides it in setup()")
-        return self.collate
-
-    def _batches_done(self) -> int:
-        trainer = self.trainer
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.splits["train"]
-        sampler = StepResumableSampler(len(dataset), self.batch_size, self.sampler_seed, self._batches_done,
-                                       with_epoch=dataset.augmentation is not None)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=self._require_collate(), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def _eval_loader(self, split: str, limit: int | None = None) -> DataLoader:
-        dataset = self.splits[split]
-        if limit is not None and limit < len(dataset):
-            dataset = KeypointDataset(dataset.entries[:limit], centre_crop_fraction=dataset.centre_crop_fraction)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self._require_collate(), num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val", self.max_val_samples)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
+        return {"root": str(self.root), **super().metadata()}

@@ -28,8 +28,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 210), "yellow": (225, 200, 40),
     "purple": (140, 60, 180), "orange": (235, 130, 30),
 }
-MAX_STEP = 0.05  # table units moved per step at full action
-FULL_SPEED_DISTANCE = 0.1  # farther than this, the xy action saturates at +-1
+MAX_STEP = 0.1  # table units moved per step at full action
+FULL_SPEED_DISTANCE = 0.5  # a proportional controller: the xy action is offset / 0.5, saturating at +-1
 GRASP_DISTANCE = 0.025
 STATIC_SIZE, GRIPPER_SIZE = 200, 84
 DONE_MARKER = "toy_actions.json"
@@ -37,7 +37,7 @@ DONE_MARKER = "toy_actions.json"
 
 @dataclass(frozen=True)
 class ToyActionSettings:
-    train_episodes: int = 64
+    train_episodes: int = 256
     val_episodes: int = 16
     episode_length: int = 24
     distractors: int = 1
@@ -113,7 +113,7 @@ def generate_episode(rng: np.random.Generator, length: int, distractors: int) ->
         frames.append({**images, "rel_actions": action, "actions": np.r_[ee, z, 0, 0, 0, action[6]],
                        "robot_obs": robot_obs})
         ee = np.clip(ee + action[:2] * MAX_STEP, 0.0, 1.0)
-        z = min(z + action[2] * MAX_STEP, 1.0)
+        z = min(z + action[2] * MAX_STEP / 2, 1.0)
         closed = action[6] < 0
     return frames, f"pick up the {names[0]} block", f"pick_{names[0]}"
 

@@ -1,5 +1,11 @@
 """Keypoint metrics over a split: mean L2 error (normalised image units), KALIE's per-point MSE on the 0-999
-scale with its parse-failure penalty, the parse-failure rate, and the predict-the-training-mean baseline."""
+scale with its parse-failure penalty, the parse-failure rate, and the predict-the-training-mean baseline.
+
+Samples marked `meta["point_set"] = True` (RoboPoint answers: any number of unordered points in a target region)
+are scored as point sets: the error is the symmetric mean nearest-point distance between the predicted and true
+sets, so any number of predicted points is scored, and its two halves are reported as well: predicted -> nearest
+true point (how far off the points are, Where2Place's question in distance form) and true -> nearest predicted
+(how much of the region the answer covers). KALIE's named-point scores do not apply to them."""
 
 from __future__ import annotations
 
@@ -13,6 +19,17 @@ from affordvla.heads.codecs import kalie_point_scores
 
 # An answer that does not parse scores the largest distance inside the image, so failures never look good.
 UNPARSED_L2 = math.sqrt(2.0)
+POINT_SET = "point_set"  # the sample meta flag for unordered, variable-count targets
+
+
+def nearest_distances(points: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """For each of `points` (N, 2), the distance to the nearest of `others` (M, 2)."""
+    return np.linalg.norm(points[:, None, :] - others[None, :, :], axis=-1).min(axis=1)
+
+
+def point_set_errors(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """(predicted -> nearest true, true -> nearest predicted) mean distances; their mean is the set error."""
+    return float(nearest_distances(pred, target).mean()), float(nearest_distances(target, pred).mean())
 
 
 @dataclass
@@ -31,21 +48,34 @@ class KeypointEvaluator:
     baseline_errors: list[float] = field(default_factory=list)
     kalie_scores: list[dict[str, float]] = field(default_factory=list)
     failures: int = 0
+    set_precision_errors: list[float] = field(default_factory=list)  # point-set samples: predicted -> true
+    set_recall_errors: list[float] = field(default_factory=list)  # point-set samples: true -> predicted
     kept: list[Prediction] = field(default_factory=list)
 
     def add(self, samples: list[KeypointSample], texts: list[str], predictions: list[np.ndarray | None]) -> None:
         for sample, text, pred in zip(samples, texts, predictions):
             target = sample.keypoints
-            if pred is None or pred.shape != target.shape:
+            point_set = bool(sample.meta.get(POINT_SET, False))
+            readable = pred is not None and (len(pred) > 0 if point_set else pred.shape == target.shape)
+            if not readable:
                 self.failures += 1
                 self.errors.append(UNPARSED_L2)
                 pred = None
+            elif point_set:
+                precision, recall = point_set_errors(np.asarray(pred, np.float64).reshape(-1, 2), target)
+                self.set_precision_errors.append(precision)
+                self.set_recall_errors.append(recall)
+                self.parsed_errors.append((precision + recall) / 2)
+                self.errors.append(self.parsed_errors[-1])
             else:
                 self.parsed_errors.append(float(np.linalg.norm(pred - target, axis=-1).mean()))
                 self.errors.append(self.parsed_errors[-1])
-            if self.mean_keypoints is not None and self.mean_keypoints.shape == target.shape:
+            if self.mean_keypoints is not None and point_set:  # the mean as a one-point (or K-point) answer
+                self.baseline_errors.append(float(np.mean(point_set_errors(self.mean_keypoints.reshape(-1, 2),
+                                                                           target))))
+            elif self.mean_keypoints is not None and self.mean_keypoints.shape == target.shape:
                 self.baseline_errors.append(float(np.linalg.norm(self.mean_keypoints - target, axis=-1).mean()))
-            if len(target) == len(sample.point_names):
+            if not point_set and len(target) == len(sample.point_names):
                 self.kalie_scores.append(kalie_point_scores(pred, target, sample.point_names))
             if len(self.kept) < self.keep:
                 self.kept.append(Prediction(sample, text, pred))
@@ -63,6 +93,9 @@ class KeypointEvaluator:
         }
         if self.baseline_errors:
             metrics["mean_baseline_error"] = float(np.mean(self.baseline_errors))
+        if self.set_precision_errors:
+            metrics["point_set_precision_error"] = float(np.mean(self.set_precision_errors))
+            metrics["point_set_recall_error"] = float(np.mean(self.set_recall_errors))
         if self.kalie_scores:
             for key in ("avg_mse", "exact_match"):
                 metrics[f"kalie_{key}"] = float(np.mean([s[key] for s in self.kalie_scores]))
