@@ -49,6 +49,49 @@ class KeypointOverlayCallback(L.Callback):
         self._draw(trainer, module, "test")
 
 
+class ActionTraceCallback(L.Callback):
+    """After each validation and test of a policy: plot predicted vs true actions, dimension by dimension, over
+    the first `frames` validation frames (consecutive frames of the first episodes), and log the picture."""
+
+    def __init__(self, output_dir: str, frames: int = 96):
+        self.output_dir = Path(output_dir)
+        self.frames = frames
+
+    def _draw(self, trainer: L.Trainer, module, split: str) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        predictions = getattr(module, "last_predictions", {}).get(split)
+        if predictions is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        predicted, target, _ = (a[: self.frames] for a in predictions)
+        dims = predicted.shape[-1]
+        figure, axes = plt.subplots(dims, 1, figsize=(8, 1.4 * dims), sharex=True)
+        for d, axis in enumerate(axes):
+            axis.plot(target[:, d], color="black", linewidth=1.2, label="true")
+            axis.plot(predicted[:, d], color="tab:red", linewidth=1.0, label="predicted")
+            axis.set_ylabel("gripper" if d == dims - 1 else f"a{d}", rotation=0, labelpad=18)
+        axes[0].legend(loc="upper right", fontsize=7, ncol=2)
+        axes[-1].set_xlabel(f"{split} frame")
+        figure.tight_layout()
+        path = self.output_dir / "action_traces" / f"{split}_step{trainer.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=80)
+        plt.close(figure)
+        log_artifact(trainer, path, "action_traces")
+
+    # the *_end hooks run after the module's epoch-end hooks, which compute the predictions
+    def on_validation_end(self, trainer, module) -> None:
+        self._draw(trainer, module, "val")
+
+    def on_test_end(self, trainer, module) -> None:
+        self._draw(trainer, module, "test")
+
+
 class StopAfterSteps(L.Callback):
     """Ends training after `steps` optimiser steps while the schedule still plans for `trainer.max_steps`, as
     when a job is pre-empted: resuming from its last checkpoint must then reproduce the uninterrupted run."""

@@ -33,6 +33,7 @@ FULL_SPEED_DISTANCE = 0.5  # a proportional controller: the xy action is offset 
 GRASP_DISTANCE = 0.025
 STATIC_SIZE, GRIPPER_SIZE = 200, 84
 DONE_MARKER = "toy_actions.json"
+GENERATOR_VERSION = 2  # bumped whenever the scenes or the expert change, so an older dataset is rewritten
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def write_toy_actions(root: str | Path, settings: ToyActionSettings = ToyActionS
     """Write `training/` and `validation/` CALVIN splits under `root` (seeded; reused once complete)."""
     root = Path(root)
     marker = root / DONE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == asdict(settings):
+    recorded = {**asdict(settings), "version": GENERATOR_VERSION}
+    if marker.is_file() and json.loads(marker.read_text()) == recorded:
         return root
     for split, count, offset in (("training", settings.train_episodes, 0), ("validation", settings.val_episodes, 1)):
         rng = np.random.default_rng([settings.seed, offset])
@@ -137,6 +139,6 @@ def write_toy_actions(root: str | Path, settings: ToyActionSettings = ToyActionS
             ranges.append((frame_id - len(frames), frame_id - 1))
             segments.append((frame_id - len(frames), frame_id - 1, instruction, task))
         write_split_index(split_root, ranges, segments)
-    marker.write_text(json.dumps(asdict(settings)))  # last: a half-written dataset is never reused
+    marker.write_text(json.dumps(recorded))  # last: a half-written dataset is never reused
     log.info("wrote the toy action dataset to %s", root)
     return root
