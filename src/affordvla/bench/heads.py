@@ -37,7 +37,7 @@ def _steps_per_second(run_dir: Path, head: str, steps: int = 40) -> float:
     from affordvla.policy_module import ActionPolicyModule
     from affordvla.rollout import PolicyRunner
 
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
     export = run_dir / "model"
     module = ActionPolicyModule(load_backbone("paligemma", str(export)), instantiate(cfg.head), optimizer=None,
                                 formulation=cfg.module.formulation)
@@ -56,10 +56,17 @@ def _steps_per_second(run_dir: Path, head: str, steps: int = 40) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def run(heads: tuple[str, ...] = HEADS) -> dict[str, float]:
+def _latest_run(head: str) -> Path | None:
+    runs = list((RUNS / f"bench_head_{head}").glob("*/model/policy.json"))
+    return max(runs).parent.parent if runs else None
+
+
+def run(heads: tuple[str, ...] = HEADS, reuse_runs: bool = False) -> dict[str, float]:
+    """Train every head and measure it; `reuse_runs` measures the latest finished bench run of a head instead
+    of training it again (for re-measuring speed)."""
     figures: dict[str, float] = {}
     for head in heads:
-        run_dir = _train(head)
+        run_dir = (_latest_run(head) if reuse_runs else None) or _train(head)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         mse, baseline = metrics["val/action_mse"], metrics["val/mean_baseline_mse"]
         figures.update({
