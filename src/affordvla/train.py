@@ -21,6 +21,7 @@ import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
 from affordvla.backbones.finetuning import export_backbone
 from affordvla.callbacks import StopAfterSteps, log_artifact
 from affordvla.checkpointing import SafetensorsCheckpointIO
+from affordvla.synthesis.pipeline import apply_synthesis
 from affordvla.tracking.run_record import flatten_params, run_tags, write_run_files
 
 log = logging.getLogger("affordvla.train")
@@ -48,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     choices, overrides, output_dir = _hydra_runtime()
 
-    datamodule = instantiate(cfg.dataset)
+    datamodule = apply_synthesis(cfg.get("synthesis"), instantiate(cfg.dataset))  # synthesis=none: unchanged
     _check_pairing(cfg, datamodule)
     backbone = instantiate(cfg.backbone)
     head = instantiate(cfg.head)

@@ -160,7 +160,9 @@ class VLMBackbone(nn.Module, abc.ABC):
         return out.last_hidden_state
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
+        logits = self.model.lm_head(hidden)
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)  # Gemma 2
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def append_positions(self, inputs: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
         """`inputs` with `count` attended positions appended to every row (for learnable tokens placed after

@@ -54,6 +54,12 @@ def bench_data() -> dict[str, float]:
     return data.run()
 
 
+def bench_synthesis() -> dict[str, float]:
+    from affordvla.bench import synthesis
+
+    return synthesis.run()
+
+
 def bench_heads() -> dict[str, float]:
     from affordvla.bench import heads
 
@@ -61,7 +67,7 @@ def bench_heads() -> dict[str, float]:
 
 
 BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data,
-              "heads": bench_heads}
+              "synthesis": bench_synthesis, "heads": bench_heads}
 
 
 def main(argv: list[str] | None = None) -> None:
