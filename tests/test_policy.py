@@ -234,6 +234,10 @@ def test_language_heads_overfit_a_fixed_batch(kind, toy_root, tiny_backbone_dir)
     assert getattr(head, "n_failed", 0) == 0  # every greedy answer parsed
     # mostly memorised (a tiny model may still miss a digit of one sample)
     assert np.abs(predicted - target).mean() < 0.1, (predicted, target)
+    if kind == "discrete":  # the mean bin centre of a confident model is its argmax bin's, within a bin or two
+        head.decoding = "expectation"
+        expected, _, _ = module.predict_first_actions(batch)
+        assert np.abs(expected - predicted)[:, :-1].max() < 0.05 and (expected[:, -1] == predicted[:, -1]).all()
 
 
 # --- action tokens -------------------------------------------------------------------------------------------

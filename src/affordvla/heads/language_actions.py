@@ -129,12 +129,21 @@ class _OnlyTokenRange(LogitsProcessor):
 
 
 class DiscreteActionHead(LanguageActionHead):
-    """n x D action tokens per answer (arm normalised, gripper -1 closed / +1 open, as OpenVLA)."""
+    """n x D action tokens per answer (arm normalised, gripper -1 closed / +1 open, as OpenVLA).
 
-    def __init__(self, bins: int = 256, bin_sigma: float = 0.0,
+    `decoding="argmax"` reads each generated token's bin centre (OpenVLA). `"expectation"` reads the mean bin
+    centre under the model's distribution over the action tokens at that step (the tokens themselves are still
+    generated greedily): an uncertain prediction then lands between the likely bins instead of on one of them.
+    """
+
+    DECODINGS = ("argmax", "expectation")
+
+    def __init__(self, bins: int = 256, bin_sigma: float = 0.0, decoding: str = "argmax",
                  prompt: str = "What {n} step actions should the robot take to {instruction}?"):
         super().__init__(prompt)
-        self.bins, self.bin_sigma = bins, float(bin_sigma)
+        if decoding not in self.DECODINGS:
+            raise ValueError(f"unknown decoding {decoding!r}; valid: {list(self.DECODINGS)}")
+        self.bins, self.bin_sigma, self.decoding = bins, float(bin_sigma), decoding
         self.action_tokens: ActionTokenizer | None = None
 
     def bind(self, backbone: VLMBackbone, normalizer: ActionNormalizer, chunk_size: int) -> None:
@@ -168,9 +177,17 @@ class DiscreteActionHead(LanguageActionHead):
         inputs.pop("position_ids", None)
         output = backbone.model.generate(pixel_values=pixel_values.to(backbone.model.dtype), **inputs,
                                          max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                                         logits_processor=processor, pad_token_id=backbone.tokenizer.pad_token_id)
-        tokens = output[:, inputs["input_ids"].shape[1] :]
-        values = self.action_tokens.decode(tokens).view(len(prompts), self.chunk_size, self.action_dim)
+                                         logits_processor=processor, pad_token_id=backbone.tokenizer.pad_token_id,
+                                         output_scores=self.decoding == "expectation", return_dict_in_generate=True)
+        tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
+        if self.decoding == "expectation":
+            first = self.action_tokens.first_id
+            probs = torch.stack(output.scores, dim=1)[..., first : first + self.bins].float().softmax(-1)
+            centres = self.action_tokens.decode(self.action_tokens.ids.to(probs.device))
+            values = (probs * centres).sum(-1)
+        else:
+            values = self.action_tokens.decode(tokens)
+        values = values.view(len(prompts), self.chunk_size, self.action_dim)
         actions = self.normalizer.denormalize(values[..., :-1], values[..., -1] > 0)
         self.n_parsed += len(prompts)  # constrained decoding: every answer is well formed
         texts = backbone.tokenizer.batch_decode(tokens, skip_special_tokens=False)
