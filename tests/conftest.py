@@ -50,3 +50,16 @@ def smoke_overrides(tmp_path, tiny_backbone_dir) -> list[str]:
         "dataset.generate.image_size=64",
         "callbacks.progress_bar.refresh_rate=0",
     ]
+
+
+def overfit_keypoint_batch(backbone, head, batch, optimizer, steps: int) -> list[float]:
+    """Train backbone + keypoint head on one fixed batch; returns the loss of every step."""
+    losses = []
+    for _ in range(steps):
+        out = backbone(batch["pixel_values"], batch["inputs"])
+        loss = head.loss(out.logits, batch["inputs"]["labels"])["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import overfit_keypoint_batch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -363,14 +364,7 @@ def test_cogvlm_overfits_a_batch_with_the_keypoint_head(backbone):
     batch = KeypointBatchCollator(backbone, head)(samples)
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=3e-3)
     backbone.train()
-    losses = []
-    for _ in range(120):
-        out = backbone(batch["pixel_values"], batch["inputs"])
-        loss = head.loss(out.logits, batch["inputs"]["labels"])["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit_keypoint_batch(backbone, head, batch, optimizer, steps=120)
     assert losses[-1] < losses[0] / 20, losses[::10]
     backbone.eval()
     texts, points = head.predict(backbone, batch["pixel_values"][:2], samples[:2])

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import overfit_keypoint_batch
 
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.llava.modeling import pad_to_square
@@ -79,14 +80,7 @@ def test_llava_overfits_a_batch_with_the_keypoint_head(llava_dir):
                               task=s.task) for s in make_scenes(5, 4, 32)]
     batch = KeypointBatchCollator(backbone, head)(samples)
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(150):
-        out = backbone.forward(batch["pixel_values"], batch["inputs"])
-        loss = head.loss(out.logits, batch["inputs"]["labels"])["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit_keypoint_batch(backbone, head, batch, optimizer, steps=150)
     assert losses[-1] < losses[0] / 20, losses[::10]
     backbone.eval()
     texts, points = head.predict(backbone, batch["pixel_values"][:2], samples[:2])
