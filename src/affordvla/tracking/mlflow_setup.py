@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+
+def artifact_location(tracking_uri: str, name: str) -> str | None:
+    """Beside a sqlite store, `mlartifacts/<experiment>`; MLflow's default is `./mlruns` under whatever folder the
+    job happens to run in. Other stores (a server) keep their own default."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -12,7 +22,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     if existing is not None:
         return existing.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
     except MlflowException:
         existing = client.get_experiment_by_name(name)
         if existing is None:
