@@ -7,6 +7,7 @@ before the loaders are built.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 from collections.abc import Callable
@@ -75,7 +76,7 @@ class KeypointDataset(Dataset):
         return sample
 
 
-class KeypointDataModule(L.LightningDataModule):
+class KeypointDataModule(L.LightningDataModule, abc.ABC):
     """What every keypoint datamodule shares: `splits` of KeypointDatasets, the collate the module provides, the
     step-resumable training sampler, evaluation loaders and the optional HDF5 sample cache. Subclasses build
     `splits` in `setup` and define `train_keypoint_mean` (the mean baseline the evaluator scores)."""
@@ -95,9 +96,9 @@ class KeypointDataModule(L.LightningDataModule):
         self.splits: dict[str, KeypointDataset] = {}
         self.num_skipped = 0
 
+    @abc.abstractmethod
     def train_keypoint_mean(self) -> np.ndarray:
         """The 'predict the training mean' baseline, in the evaluation view; each dataset defines its own."""
-        raise NotImplementedError(f"{type(self).__name__} defines no mean-keypoint baseline")
 
     def _cached_loader(self, entries: list, path: Path, load: Callable[[Any], KeypointSample], *, source: str,
                        source_format: str) -> Callable[[Any], KeypointSample]:

@@ -19,6 +19,7 @@ for the edge-like maps) and runs at the image's own resolution.
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 
 import cv2
@@ -51,12 +52,13 @@ def _rgb(single: np.ndarray) -> np.ndarray:
     return np.repeat(single[:, :, None], 3, axis=2)
 
 
-class Annotator:
+class Annotator(abc.ABC):
     name = "annotator"
     approximates = ""
 
+    @abc.abstractmethod
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """HxWx3 uint8 image -> HxWx3 uint8 context map of the same size."""
 
     def describe(self) -> dict:
         params = {k: (str(v) if isinstance(v, (Path, torch.device, torch.dtype)) else v) for k, v in vars(self).items()
