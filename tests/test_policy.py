@@ -336,3 +336,19 @@ def test_action_experiment_trains_and_exports(experiment, tmp_path, tiny_backbon
     export = tmp_path / "run" / "model"
     config = json.loads((export / "policy.json").read_text())
     assert config["dataset_metadata"]["action_dim"] == 7 and config["normalizer"]["mode"] == "bounds"
+
+
+def test_text_action_predict_keeps_the_previous_gripper_on_a_failed_parse():
+    class FakeBackbone:  # generate() is all predict needs, plus a tokenizer to size the answer
+        def tokenizer(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+        def generate(self, pixel_values, prompts, max_new_tokens):
+            return ["The next action step: [0.5, -0.25, 1.0]", "I cannot tell"]
+
+    head = _bound_text_head()
+    texts, actions = head.predict(FakeBackbone(), torch.zeros(2, 3, 8, 8), ["a", "b"], previous_gripper=-1.0)
+    assert texts[1] == "I cannot tell"
+    assert actions.shape == (2, 1, 3)
+    assert actions[0, 0].tolist() == [0.5, -0.25, 1.0] and actions[1, 0].tolist() == [0.0, 0.0, -1.0]
+    assert (head.n_parsed, head.n_failed) == (1, 1)

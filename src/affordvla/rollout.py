@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from affordvla.heads.language_actions import TextActionHead
 from affordvla.policy_module import ActionPolicyModule
 
 EXECUTIONS = ("first", "ensemble")
@@ -39,6 +40,7 @@ class PolicyRunner:
         self._frames: list[torch.Tensor] = []
         self._states: list[np.ndarray] = []
         self._chunks: list[np.ndarray] = []  # newest last; chunk i was made len - 1 - i steps ago
+        self._gripper = 1.0  # the last executed gripper command; episodes start open
 
     @property
     def window_size(self) -> int:
@@ -54,6 +56,8 @@ class PolicyRunner:
                 self._states = (self._states + [np.asarray(state)])[-16:]
             history = np.stack(self._states) if self._states else None
             prompt = module.language_head.prompt(instruction, history)
+            if isinstance(module.language_head, TextActionHead):  # a failed parse keeps the gripper as it is
+                return module.language_head.predict(module.backbone, pixels, [prompt], self._gripper)[1][0]
             return module.language_head.predict(module.backbone, pixels, [prompt])[1][0]
         prompt = module._prompt(instruction)
         if module.formulation == "interleaved":
@@ -73,6 +77,7 @@ class PolicyRunner:
         image = images[self.module.camera] if images is not None else observation["image"]
         chunk = self.predict_chunk(image, observation["instruction"], observation.get("state"))
         if self.execution == "first":
+            self._gripper = float(chunk[0][-1])
             return chunk[0]
         self._chunks = (self._chunks + [chunk])[-len(chunk) :]
         ages = range(len(self._chunks) - 1, -1, -1)
@@ -81,4 +86,5 @@ class PolicyRunner:
         action = (weights[:, None] * predictions).sum(0) / weights.sum()
         low = self.module.normalizer.gripper_low
         action[-1] = 1.0 if action[-1] > (low + 1) / 2 else low
+        self._gripper = float(action[-1])
         return action

@@ -57,8 +57,6 @@ def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor, soft_ids: torc
 class LanguageActionHead(nn.Module):
     """What both heads share: binding to a backbone and the dataset's normaliser, prompts, loss, decoding."""
 
-    language_model_head = True
-
     def __init__(self, prompt: str = "What action should the robot take to {instruction}?"):
         super().__init__()
         self.prompt_template = prompt
@@ -282,11 +280,12 @@ class TextActionHead(LanguageActionHead):
         return len(backbone.tokenizer(text, add_special_tokens=False)["input_ids"]) + 4
 
     @torch.no_grad()
-    def predict(self, backbone: VLMBackbone, pixel_values: torch.Tensor, prompts: list[str]
-                ) -> tuple[list[str], np.ndarray]:
+    def predict(self, backbone: VLMBackbone, pixel_values: torch.Tensor, prompts: list[str],
+                previous_gripper: float = 1.0) -> tuple[list[str], np.ndarray]:
+        """Greedy answers and their (B, 1, D) actions; an unparseable answer keeps `previous_gripper` (open by
+        default; a rollout passes the last executed state)."""
         texts = backbone.generate(pixel_values, prompts, max_new_tokens=self.max_new_tokens(backbone))
-        open_value = 1.0
-        actions = np.stack([self.parse(t, previous_gripper=open_value)[0] for t in texts])
+        actions = np.stack([self.parse(t, previous_gripper=previous_gripper)[0] for t in texts])
         return texts, actions[:, None, :]
 
 
