@@ -52,6 +52,21 @@ def smoke_overrides(tmp_path, tiny_backbone_dir) -> list[str]:
     ]
 
 
+def keypoint_head_and_batch(backbone, codec: str = "robopoint"):
+    """A keypoint-text head bound to `backbone` and a fixed batch of four generated scenes (seed 5, 32 px)."""
+    from affordvla.data.kalie_tasks import TASKS
+    from affordvla.data.sample import KeypointSample
+    from affordvla.data.tabletop import make_scenes
+    from affordvla.heads.keypoint_text import KeypointTextHead
+    from affordvla.module import KeypointBatchCollator
+
+    head = KeypointTextHead(codec=codec)
+    head.bind(backbone)
+    samples = [KeypointSample(image=s.image, instruction=TASKS[s.task].instruction, keypoints=s.keypoints,
+                              task=s.task) for s in make_scenes(5, 4, 32)]
+    return head, samples, KeypointBatchCollator(backbone, head)(samples)
+
+
 def overfit_keypoint_batch(backbone, head, batch, optimizer, steps: int) -> list[float]:
     """Train backbone + keypoint head on one fixed batch; returns the loss of every step."""
     losses = []

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import overfit_keypoint_batch
+from conftest import keypoint_head_and_batch, overfit_keypoint_batch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -350,18 +350,8 @@ def test_save_and_load_round_trip_gives_identical_logits(backbone, tmp_path):
 
 
 def test_cogvlm_overfits_a_batch_with_the_keypoint_head(backbone):
-    from affordvla.data.kalie_tasks import TASKS
-    from affordvla.data.sample import KeypointSample
-    from affordvla.data.tabletop import make_scenes
-    from affordvla.heads.keypoint_text import KeypointTextHead
-    from affordvla.module import KeypointBatchCollator
-
     torch.manual_seed(0)
-    head = KeypointTextHead(codec="robopoint")
-    head.bind(backbone)
-    samples = [KeypointSample(image=s.image, instruction=TASKS[s.task].instruction, keypoints=s.keypoints,
-                              task=s.task) for s in make_scenes(5, 4, 32)]
-    batch = KeypointBatchCollator(backbone, head)(samples)
+    head, samples, batch = keypoint_head_and_batch(backbone)
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=3e-3)
     backbone.train()
     losses = overfit_keypoint_batch(backbone, head, batch, optimizer, steps=120)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import overfit_keypoint_batch
+from conftest import keypoint_head_and_batch, overfit_keypoint_batch
 
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.llava.modeling import pad_to_square
@@ -66,19 +66,9 @@ def test_wrong_family_is_refused(llava_dir):
 
 
 def test_llava_overfits_a_batch_with_the_keypoint_head(llava_dir):
-    from affordvla.data.kalie_tasks import TASKS
-    from affordvla.data.sample import KeypointSample
-    from affordvla.data.tabletop import make_scenes
-    from affordvla.heads.keypoint_text import KeypointTextHead
-    from affordvla.module import KeypointBatchCollator
-
     torch.manual_seed(0)
     backbone = load_backbone("llava", str(llava_dir))
-    head = KeypointTextHead(codec="robopoint")
-    head.bind(backbone)
-    samples = [KeypointSample(image=s.image, instruction=TASKS[s.task].instruction, keypoints=s.keypoints,
-                              task=s.task) for s in make_scenes(5, 4, 32)]
-    batch = KeypointBatchCollator(backbone, head)(samples)
+    head, samples, batch = keypoint_head_and_batch(backbone)
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=3e-3)
     losses = overfit_keypoint_batch(backbone, head, batch, optimizer, steps=150)
     assert losses[-1] < losses[0] / 20, losses[::10]

@@ -90,10 +90,10 @@ class ActionPolicyModule(L.LightningModule):
         hidden = self.backbone.hidden_size
         self.policy_head = self.head_factory(in_features=hidden, action_dim=self.normalizer.action_dim,
                                              chunk_size=chunk, window_size=window)
+        device = self.backbone.model.device
+        self.policy_head.to(device)
         # RoboVLMs starts the learnable action token at zero
-        self.action_token = nn.Parameter(torch.zeros(self.latent_tokens, hidden))
-        self.policy_head.to(self.backbone.model.device)
-        self.action_token.data = self.action_token.data.to(self.backbone.model.device)
+        self.action_token = nn.Parameter(torch.zeros(self.latent_tokens, hidden, device=device))
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

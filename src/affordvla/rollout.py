@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from affordvla.heads.language_actions import TextActionHead
 from affordvla.policy_module import ActionPolicyModule
 
 EXECUTIONS = ("first", "ensemble")
@@ -56,9 +55,8 @@ class PolicyRunner:
                 self._states = (self._states + [np.asarray(state)])[-16:]
             history = np.stack(self._states) if self._states else None
             prompt = module.language_head.prompt(instruction, history)
-            if isinstance(module.language_head, TextActionHead):  # a failed parse keeps the gripper as it is
-                return module.language_head.predict(module.backbone, pixels, [prompt], self._gripper)[1][0]
-            return module.language_head.predict(module.backbone, pixels, [prompt])[1][0]
+            # an answer that does not parse keeps the gripper as it is
+            return module.language_head.predict(module.backbone, pixels, [prompt], self._gripper)[1][0]
         prompt = module._prompt(instruction)
         if module.formulation == "interleaved":
             self._frames = (self._frames + [pixels[0]])[-self.window_size :]

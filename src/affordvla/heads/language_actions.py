@@ -167,8 +167,10 @@ class DiscreteActionHead(LanguageActionHead):
         return answer_token_loss(logits, labels, self.action_tokens.ids.to(labels.device), self.bin_sigma)
 
     @torch.no_grad()
-    def predict(self, backbone: VLMBackbone, pixel_values: torch.Tensor, prompts: list[str]
-                ) -> tuple[list[str], np.ndarray]:
+    def predict(self, backbone: VLMBackbone, pixel_values: torch.Tensor, prompts: list[str],
+                previous_gripper: float = 1.0) -> tuple[list[str], np.ndarray]:
+        """Greedy action tokens and their (B, n, D) actions. Decoding is constrained to action tokens, so every
+        answer is well formed and `previous_gripper` (the text head's fallback) is never needed."""
         count = self.chunk_size * self.action_dim
         processor = LogitsProcessorList([_OnlyTokenRange(self.action_tokens.first_id, self.bins)])
         inputs = backbone.build_inputs(prompts)
