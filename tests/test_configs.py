@@ -78,3 +78,12 @@ def test_unknown_option_lists_valid_choices(tmp_path):
     message = str(excinfo.value)
     for option in _options("backbone"):
         assert option in message
+
+
+def test_config_hash_ignores_where_a_run_writes_but_not_what_it_computes(tmp_path):
+    from affordvla.tracking.run_record import config_hash
+
+    base = config_hash(_compose([f"paths.root_dir={tmp_path}"]))
+    assert base == config_hash(_compose([f"paths.root_dir={tmp_path / 'elsewhere'}", "logger=none"]))
+    assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "module.optimizer.lr=1e-4"]))
+    assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "backbone=llava_tiny"]))

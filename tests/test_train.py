@@ -48,6 +48,7 @@ def test_mlflow_run_records_tags_params_metrics_and_artifacts(tmp_path, smoke_ov
     assert tags["synthesis"] == "none"
     assert tags["experiment"] == "none"
     assert len(tags["git_sha"].split("+")[0]) in (40, 7) or tags["git_sha"] == "unknown"
+    assert len(tags["config_hash"]) == 12
     params = run.data.params
     assert params["head.codec"] == "paligemma_loc"
     assert params["trainer.max_steps"] == "4"

@@ -22,7 +22,7 @@ from affordvla.backbones.finetuning import export_backbone
 from affordvla.callbacks import StopAfterSteps, log_artifact
 from affordvla.checkpointing import SafetensorsCheckpointIO
 from affordvla.synthesis.pipeline import apply_synthesis
-from affordvla.tracking.run_record import flatten_params, run_tags, write_run_files
+from affordvla.tracking.run_record import config_hash, flatten_params, run_tags, write_run_files
 
 log = logging.getLogger("affordvla.train")
 CONFIG_DIR = os.environ.get("AFFORDVLA_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -46,6 +46,7 @@ def _hydra_runtime() -> tuple[dict[str, Any], list[str], Path]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns every logged metric."""
     started = time.perf_counter()
+    cfg_hash = config_hash(cfg)  # of the unresolved config: `${paths...}` stays symbolic, machine independent
     L.seed_everything(cfg.seed, workers=True)
     choices, overrides, output_dir = _hydra_runtime()
 
@@ -57,7 +58,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if hasattr(module, "make_collate"):
         datamodule.collate = module.make_collate()
 
-    tags = run_tags(choices, cfg.task_name)
+    tags = run_tags(choices, cfg.task_name, cfg_hash)
     loggers = _instantiate_group(cfg.get("logger"), tags=tags)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.get("stop_after_steps"):
@@ -148,7 +149,6 @@ def _close_mlflow_runs() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    OmegaConf.resolve(cfg)
     return run(cfg)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Mapping
@@ -39,11 +40,27 @@ def git_sha(path: str | Path | None = None) -> str:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def run_tags(choices: Mapping[str, Any], task_name: str) -> dict[str, str]:
+# Top-level keys that say where a run writes or how it reports, not what it computes: left out of the config hash.
+HASH_EXCLUDED = ("hydra", "paths", "logger", "callbacks", "ckpt_path", "stop_after_steps", "export_dir", "task_name")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """12 hex digits identifying what a run computes: the config before interpolation (so `${paths...}` stays
+    symbolic and machine independent) without the keys in HASH_EXCLUDED. Two runs of one table cell share it."""
+    content = OmegaConf.to_container(cfg, resolve=False)
+    for key in HASH_EXCLUDED:
+        content.pop(key, None)
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_tags(choices: Mapping[str, Any], task_name: str, cfg_hash: str | None = None) -> dict[str, str]:
     """Tags naming the option chosen in every config group (Hydra's runtime choices)."""
     tags = {key: str(choices.get(key) or "none") for key in TAG_KEYS}
     tags["git_sha"] = git_sha()
     tags["task_name"] = task_name
+    if cfg_hash:
+        tags["config_hash"] = cfg_hash
     return tags
 
 
