@@ -14,7 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from affordvla.train import CONFIG_DIR
 
 GROUPS = ["paths", "backbone", "head", "module", "dataset", "synthesis", "trainer", "logger", "callbacks", "hydra",
-          "experiment", "debug"]
+          "experiment", "debug", "scale"]
 ACTION_HEADS = ("lstm", "gpt", "mlp", "discrete", "text_actions")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-TAG_KEYS = ("backbone", "head", "dataset", "synthesis", "experiment")
+TAG_KEYS = ("backbone", "head", "dataset", "synthesis", "experiment", "scale")
 # Dotted config keys logged as MLflow params (params are immutable and short: a few, not the whole config).
 PARAM_KEYS = (
     "backbone.pretrained",
