@@ -66,8 +66,14 @@ def bench_heads() -> dict[str, float]:
     return heads.run()
 
 
+def bench_backbones() -> dict[str, float]:
+    from affordvla.bench import backbones
+
+    return backbones.run()
+
+
 BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data,
-              "synthesis": bench_synthesis, "heads": bench_heads}
+              "synthesis": bench_synthesis, "heads": bench_heads, "backbones": bench_backbones}
 
 
 def main(argv: list[str] | None = None) -> None:
