@@ -17,6 +17,7 @@ from affordvla.backbones.finetuning import (
 )
 from affordvla.backbones.llava.modeling import LlavaBackbone
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
+from affordvla.locking import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ def load_backbone(family: str, pretrained: str, build: Callable[[Path], Path] | 
                 f"backbone checkpoint {path} does not exist; point backbone.pretrained at a local {family} "
                 "checkpoint directory (no model hub is contacted)"
             )
-        log.info("building offline %s checkpoint at %s", family, path)
-        build(path)
+        with exclusive(path):  # parallel jobs of a sweep: one builds, the others wait and load its result
+            if not (path / "config.json").exists():
+                log.info("building offline %s checkpoint at %s", family, path)
+                build(path)
     if lora is not None and adapter is not None:
         raise ValueError("give either backbone.lora (train new adapters) or backbone.adapter (load trained ones)")
     backbone = FAMILIES[family].from_pretrained(path, dtype=dtype, **quantization_kwargs(quantization), **kwargs)

@@ -35,6 +35,7 @@ from affordvla.data.kalie import (
     read_kalie_index,
 )
 from affordvla.data.toy_kalie import SPLITS_FILE
+from affordvla.locking import exclusive
 from affordvla.synthesis.recipe import KalieRecipe, derive_seed
 from affordvla.synthesis.writer import (
     SynthesisWriter,
@@ -156,6 +157,37 @@ def write_preview(path: Path, rows: list[list[tuple[np.ndarray, dict[str, Sequen
 # ------------------------------------------------------------------------------------------------ the stage
 
 
+def _write_all(output: Path, params: dict[str, Any], items: list[PlannedItem], recipe: KalieRecipe,
+               source_splits: dict[str, list[str]] | None, skipped: int, index_every: int, preview_rows: int,
+               progress: bool) -> int | None:
+    """Write every planned sample not yet in `output` and finish the dataset; None when it was complete."""
+    writer = SynthesisWriter(output, params, index_every=index_every)
+    if writer.is_complete():
+        return None
+    by_source: dict[str, list[PlannedItem]] = {}
+    for item in items:
+        by_source.setdefault(item.source.key, []).append(item)
+    written = 0
+    with tqdm(total=len(items), initial=sum(writer.done(i.key) for i in items), unit="sample",
+              desc=f"KALIE synthesis -> {output}", disable=not progress) as bar:
+        for group in by_source.values():
+            todo = [item for item in group if not writer.done(item.key)]
+            if not todo:
+                continue
+            written += _synthesise_group(writer, recipe, group[0].source, todo)
+            bar.update(len(todo))
+    manifest = _manifest(params, items, writer, skipped)
+    out_splits = None
+    if source_splits is not None:
+        new_keys: dict[str, list[str]] = {}
+        for item in items:
+            new_keys.setdefault(item.source.key, []).append(item.key)
+        out_splits = {name: [k for key in keys for k in new_keys.get(key, [])] for name, keys in source_splits.items()}
+    writer.finish([i.key for i in items], out_splits, manifest,
+                  preview=lambda path: _preview(path, writer, items, preview_rows))
+    return written
+
+
 def synthesize_dataset(source: str | Path, output: str | Path, recipe: KalieRecipe, *,
                        splits: Sequence[str] | None = None, split_seed: int = 2023, train_fraction: float = 0.8,
                        on_error: str = "raise", preview_rows: int = 4, index_every: int = 50,
@@ -183,32 +215,13 @@ def synthesize_dataset(source: str | Path, output: str | Path, recipe: KalieReci
         varied = {k for name in splits for k in source_splits[name]}
     items = plan(entries, varied, recipe.num_variants, recipe.seed)
     params = run_parameters(source, recipe, splits, source_splits)
-    writer = SynthesisWriter(output, params, index_every=index_every)
+    # one writer per output folder: parallel jobs of a sweep with the same recipe wait here, then reuse the result
+    with exclusive(output):
+        written = _write_all(output, params, items, recipe, source_splits, skipped, index_every, preview_rows,
+                             progress)
     n_synthetic = sum(item.variant is not None for item in items)
-    if writer.is_complete():
+    if written is None:  # complete before this call
         return SynthesisResult(output, len(items), len(entries), n_synthetic, 0, time.perf_counter() - started, 0.0)
-
-    by_source: dict[str, list[PlannedItem]] = {}
-    for item in items:
-        by_source.setdefault(item.source.key, []).append(item)
-    written = 0
-    with tqdm(total=len(items), initial=sum(writer.done(i.key) for i in items), unit="sample",
-              desc=f"KALIE synthesis -> {output}", disable=not progress) as bar:
-        for group in by_source.values():
-            todo = [item for item in group if not writer.done(item.key)]
-            if not todo:
-                continue
-            written += _synthesise_group(writer, recipe, group[0].source, todo)
-            bar.update(len(todo))
-    manifest = _manifest(params, items, writer, skipped)
-    out_splits = None
-    if source_splits is not None:
-        new_keys: dict[str, list[str]] = {}
-        for item in items:
-            new_keys.setdefault(item.source.key, []).append(item.key)
-        out_splits = {name: [k for key in keys for k in new_keys.get(key, [])] for name, keys in source_splits.items()}
-    writer.finish([i.key for i in items], out_splits, manifest,
-                  preview=lambda path: _preview(path, writer, items, preview_rows))
     seconds = time.perf_counter() - started
     log.info("synthesised %d samples (%d entries in all) into %s in %.1f s", written, len(items), output, seconds)
     return SynthesisResult(output, len(items), len(entries), n_synthetic, written, seconds,
