@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from affordvla.data.calvin import save_frame, write_split_index
+from affordvla.locking import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,15 @@ def write_toy_actions(root: str | Path, settings: ToyActionSettings = ToyActionS
     root = Path(root)
     marker = root / DONE_MARKER
     recorded = {**asdict(settings), "version": GENERATOR_VERSION}
-    if marker.is_file() and json.loads(marker.read_text()) == recorded:
-        return root
+    with exclusive(root):  # parallel jobs of a sweep: the first generates, the others wait and reuse it
+        if not (marker.is_file() and json.loads(marker.read_text()) == recorded):
+            _write_splits(root, settings)
+            marker.write_text(json.dumps(recorded))  # last: a half-written dataset is never reused
+            log.info("wrote the toy action dataset to %s", root)
+    return root
+
+
+def _write_splits(root: Path, settings: ToyActionSettings) -> None:
     for split, count, offset in (("training", settings.train_episodes, 0), ("validation", settings.val_episodes, 1)):
         rng = np.random.default_rng([settings.seed, offset])
         split_root = root / split
@@ -139,6 +147,3 @@ def write_toy_actions(root: str | Path, settings: ToyActionSettings = ToyActionS
             ranges.append((frame_id - len(frames), frame_id - 1))
             segments.append((frame_id - len(frames), frame_id - 1, instruction, task))
         write_split_index(split_root, ranges, segments)
-    marker.write_text(json.dumps(recorded))  # last: a half-written dataset is never reused
-    log.info("wrote the toy action dataset to %s", root)
-    return root

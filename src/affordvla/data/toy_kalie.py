@@ -26,6 +26,7 @@ from affordvla.data.kalie import (
 from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.sample import KALIE_POINT_NAMES
 from affordvla.data.tabletop import make_scene
+from affordvla.locking import exclusive
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "generation.json"
@@ -59,6 +60,12 @@ def ensure_toy_kalie(
     if unknown:
         raise ValueError(f"unknown KALIE tasks {unknown}; valid: {sorted(TASKS)}")
     params = _params(seed, splits, image_size, tasks)
+    with exclusive(root):  # parallel jobs of a sweep: the first generates, the others wait and reuse it
+        return _write_unless_complete(root, params, seed, splits, image_size, tasks)
+
+
+def _write_unless_complete(root: Path, params: dict, seed: int, splits: dict[str, int], image_size: int,
+                           tasks: list[str]) -> Path:
     marker = root / COMPLETE_MARKER
     if marker.exists() and json.loads(marker.read_text()) == params:
         return root
