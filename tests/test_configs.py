@@ -57,6 +57,8 @@ def test_every_option_composes(group, option, tmp_path):
     action = (group == "module" and option == "action_policy") or (group == "head" and option in ACTION_HEADS) or (
         group == "experiment" and option.startswith("toy_actions"))
     expected = "affordvla.policy_module.ActionPolicyModule" if group != "head" else "affordvla.module.AffordVLAModule"
+    if group == "module" and option == "keypoint_regression":
+        expected, action = "affordvla.module.KeypointRegressionModule", True
     assert resolved["module"]["_target_"] == (expected if action else "affordvla.module.AffordVLAModule")
     if group == "experiment" and action:  # an action experiment pairs the module, head and episode data
         assert resolved["dataset"]["_target_"].endswith("ActionWindowDataModule")

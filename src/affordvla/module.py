@@ -1,4 +1,5 @@
-"""AffordVLAModule: one LightningModule for backbone + head, whatever the pair.
+"""AffordVLAModule: one LightningModule for backbone + keypoint-text head; KeypointRegressionModule: its sibling
+for the regression head (heads/keypoint_regression.py), trained and scored on the same batches and metric keys.
 
 Objects are injected from config: the backbone (built by its factory), the head, the optimiser and scheduler
 as partials, and per-part learning rates. The module owns the batch layout (`collate`) because it is the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -19,6 +21,7 @@ import torch
 from affordvla.backbones.base import VLMBackbone
 from affordvla.data.sample import KeypointSample
 from affordvla.evaluation.keypoints import KeypointEvaluator
+from affordvla.heads.keypoint_regression import KeypointRegressionHead
 from affordvla.heads.keypoint_text import KeypointTextHead
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ class AffordVLAModule(L.LightningModule):
         num_overlays: int = 8,
     ):
         super().__init__()
+        if isinstance(head, KeypointRegressionHead) and not isinstance(self, KeypointRegressionModule):
+            raise TypeError("head=keypoint_regression needs module=keypoint_regression")
         self.backbone = backbone
         self.head = head
         self.head.bind(backbone)
@@ -157,7 +162,8 @@ class AffordVLAModule(L.LightningModule):
         self._end_eval("test")
 
     # --- optimisation -------------------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups: one per backbone part (with its `part_lr`); subclasses add their head's."""
         groups = []
         for part, params in self.backbone.parameter_parts().items():
             if params:
@@ -168,8 +174,95 @@ class AffordVLAModule(L.LightningModule):
         unknown = sorted(set(self.part_lr) - {g["name"] for g in groups} - set(self.backbone.part_prefixes))
         if unknown:
             raise ValueError(f"part_lr names unknown parts {unknown}; valid: {sorted(self.backbone.part_prefixes)}")
-        optimizer = self.optimizer_factory(params=groups)
+        return groups
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# ---------------------------------------------------------------------------------------------- regression
+
+
+class KeypointRegressionCollator(KeypointBatchCollator):
+    """Samples -> pixels, prompts and (B, K, 2) targets: the regression head needs no answer tokens."""
+
+    def __call__(self, samples: list[KeypointSample]) -> dict[str, Any]:
+        return {"pixel_values": self._pixel_values(samples), "prompts": [self.head.prompt(s) for s in samples],
+                "targets": self.head.target(samples), "samples": samples}
+
+
+REGRESSION_WEIGHTS, REGRESSION_CONFIG = "keypoint_head.safetensors", "keypoint_head.json"
+
+
+class KeypointRegressionModule(AffordVLAModule):
+    """Backbone + KeypointRegressionHead on the keypoint datamodules. Validation and test go through the same
+    KeypointEvaluator as the text head, so keypoint_error, kalie_avg_mse etc. are directly comparable."""
+
+    def __init__(self, backbone: VLMBackbone, head: KeypointRegressionHead, optimizer, scheduler=None,
+                 part_lr: dict[str, float] | None = None, freeze: list[str] | None = None, num_overlays: int = 8,
+                 head_lr: float | None = None):
+        if not isinstance(head, KeypointRegressionHead):
+            raise TypeError(f"module=keypoint_regression needs head=keypoint_regression, got {type(head).__name__}")
+        super().__init__(backbone, head, optimizer, scheduler, part_lr, freeze, num_overlays)
+        self.head_lr = head_lr
+
+    def make_collate(self) -> KeypointRegressionCollator:
+        return KeypointRegressionCollator(self.backbone, self.head)
+
+    def _predict_batch(self, batch) -> torch.Tensor:
+        pixel_values = batch["pixel_values"].to(self.device)
+        return self.head(self.backbone, pixel_values, batch["prompts"])
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        losses = self.head.loss(self._predict_batch(batch), batch["targets"])
+        batch_size = len(batch["samples"])
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
+        self.log("train/keypoint_error", losses["keypoint_error"], batch_size=batch_size)
+        return losses["loss"]
+
+    def _evaluate_batch(self, batch, split: str) -> None:
+        predicted = self._predict_batch(batch)
+        losses = self.head.loss(predicted, batch["targets"])
+        self.log(f"{split}/loss", losses["loss"], batch_size=len(batch["samples"]), sync_dist=True)
+        points = predicted.detach().float().cpu().numpy()
+        texts = ["[" + ", ".join(f"({x:.3f}, {y:.3f})" for x, y in p) + "]" for p in points]
+        self.evaluators[split].add(batch["samples"], texts, list(points))
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        group = {"params": list(self.head.parameters()), "name": "keypoint_head"}
+        if self.head_lr is not None:
+            group["lr"] = self.head_lr
+        return [*super().parameter_groups(), group]
+
+    # --- export: the head beside the exported backbone --------------------------------------------------------
+    def export_policy(self, out_dir: str | Path) -> Path:
+        """Write the head's weights (safetensors) and settings beside the exported backbone (`affordvla-train`
+        calls this after `export_backbone`)."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        save_file(state, str(out_dir / REGRESSION_WEIGHTS))
+        settings = {"num_points": self.head.num_points, "mlp_hidden_size": self.head.mlp_hidden_size,
+                    "loss": self.head.loss_name, "prompt_style": self.head.prompt_style}
+        (out_dir / REGRESSION_CONFIG).write_text(json.dumps(settings, indent=2))
+        return out_dir
+
+    def load_exported_head(self, export_dir: str | Path) -> None:
+        """Restore what `export_policy` wrote into a module built from the same configs (strict: every tensor)."""
+        from safetensors.torch import load_file
+
+        export_dir = Path(export_dir)
+        weights = export_dir / REGRESSION_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} does not exist: {export_dir} holds no exported regression head")
+        settings = json.loads((export_dir / REGRESSION_CONFIG).read_text())
+        mine = {"num_points": self.head.num_points, "mlp_hidden_size": self.head.mlp_hidden_size}
+        if any(settings[k] != v for k, v in mine.items()):
+            raise ValueError(f"{export_dir / REGRESSION_CONFIG}: head {settings} does not match this module's {mine}")
+        self.head.load_state_dict(load_file(str(weights)), strict=True)

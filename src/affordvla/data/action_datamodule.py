@@ -71,7 +71,8 @@ class ActionWindowDataModule(L.LightningDataModule):
                 raise ValueError(f"RLBench cameras {unknown or '[]'} are not among {list(CAMERAS)}")
         # RLBench: the task folders of each split to read; None = all of them
         self.tasks = None if tasks is None else [str(t) for t in tasks]
-        # settings of the project's toy action dataset (data/toy_actions.py), written to `root` on first use
+        # settings of a generated dataset written to `root` on first use: CALVIN's format by data/toy_actions.py,
+        # RLBench's by data/toy_rlbench.py (one folder per task of `tasks`)
         self.generate = dict(generate) if generate else None
         self.splits: dict[str, Dataset] = {}
         self.statistics: dict[str, Any] | None = None
@@ -141,14 +142,27 @@ class ActionWindowDataModule(L.LightningDataModule):
         return CachedWindowDataset(path, self.window_size, self.chunk_size, anchor=anchor)
 
     def prepare_data(self) -> None:
-        if self.generate is not None:
+        if self.generate is None:
+            return
+        if self.source == "calvin":
             from affordvla.data.toy_actions import ToyActionSettings, write_toy_actions
 
             write_toy_actions(self.root, ToyActionSettings(**self.generate))
+        elif self.source == "rlbench":  # one folder per task of `tasks`, in the splits this datamodule reads
+            from affordvla.data.toy_rlbench import write_toy_rlbench
+
+            settings = dict(self.generate)
+            per_split = {"train": settings.pop("train_episodes", 4), "val": settings.pop("val_episodes", 2)}
+            write_toy_rlbench(self.root, self.tasks or [],
+                              splits={self.split_names[k]: n for k, n in per_split.items()}, **settings)
+        else:
+            raise ValueError(f"no generator writes {self.source} data; give `root` a dataset on disk and "
+                             "generate=null")
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        self.prepare_data()  # idempotent; also covers callers that skip the Trainer
         self.splits = {split: self._dataset(split) for split in ("train", "val")}
         self.statistics = self._action_statistics()
 

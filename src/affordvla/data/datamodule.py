@@ -169,8 +169,16 @@ class KalieDataModule(KeypointDataModule):
         augmentation: KalieAugmentation | None = None,
         eval_centre_crop: float | None = None,
         cache_dir: str | None = None,
+        max_train_samples: int | None = None,
+        train_subset_seed: int = 0,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir)
+        if max_train_samples is not None and max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be a positive number of originals, got {max_train_samples}")
+        # KALIE's "10 vs 50 originals" ablation: a seeded subset of the original training entries; synthetic
+        # variants of a synthesised dataset follow their original (see `original_subset`)
+        self.max_train_samples = max_train_samples
+        self.train_subset_seed = train_subset_seed
         self.root = Path(root)
         self.name = name
         self.generate = generate
@@ -204,6 +212,8 @@ class KalieDataModule(KeypointDataModule):
             # KALIE's own split: seeded 80/20, and its validation set is its test set.
             train, test = kalie_split(list(by_key), seed=self.split_seed, train_fraction=self.train_fraction)
             keys = {"train": train, "val": test, "test": test}
+        if self.max_train_samples is not None:
+            keys["train"] = original_subset(self.root, keys["train"], self.max_train_samples, self.train_subset_seed)
         loader = (self._cached_loader(entries, self.cache_dir / f"kalie_{self.root.name}.h5", load_kalie_sample,
                                      source=str(self.root), source_format="kalie")
                   if self.cache_dir is not None else load_kalie_sample)
@@ -230,4 +240,29 @@ class KalieDataModule(KeypointDataModule):
         return mean.astype(np.float32)
 
     def metadata(self) -> dict[str, Any]:
-        return {"root": str(self.root), **super().metadata()}
+        return {"root": str(self.root), **super().metadata(), "max_train_samples": self.max_train_samples}
+
+
+def original_subset(root: Path, train_keys: list[str], count: int, seed: int) -> list[str]:
+    """The training keys of `count` originals drawn with `seed`, each with its synthetic variants.
+
+    In a synthesised dataset (one with the synthesis stage's manifest.json) every entry records the source entry
+    it came from, so an original and its variants form one group and a subset never keeps a variant without its
+    original; in any other dataset every entry is its own original. The draw is over the sorted group names, so
+    it depends only on which originals exist and the seed, not on file order or on how many variants each has."""
+    from affordvla.synthesis.writer import MANIFEST
+
+    manifest = root / MANIFEST
+    origin = {key: key for key in train_keys}
+    if manifest.is_file():
+        records = json.loads(manifest.read_text()).get("entries", {})
+        missing = [k for k in train_keys if k not in records or "source" not in records[k]]
+        if missing:
+            raise KalieFormatError(f"{manifest}: no source recorded for training entries {missing[:5]}")
+        origin = {key: str(records[key]["source"]) for key in train_keys}
+    groups = sorted(set(origin.values()))
+    if count > len(groups):
+        raise KalieFormatError(f"{root}: max_train_samples={count} originals asked, but the training split has "
+                               f"only {len(groups)}")
+    chosen = {groups[i] for i in np.random.default_rng(seed).permutation(len(groups))[:count]}
+    return [key for key in train_keys if origin[key] in chosen]

@@ -103,8 +103,14 @@ class RoboPointDataModule(KeypointDataModule):
         max_val_samples: int | None = None,
         cache_dir: str | None = None,
         keep_in_memory: bool = False,
+        generate: dict[str, Any] | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir)
+        if generate is not None and root is None:
+            raise ValueError("generated RoboPoint data needs `root` (its Where2Place folder is written to "
+                             "<root>/where2place)")
+        # settings of the generated fixture (data/toy_robopoint.py), written on first use; null: data on disk
+        self.generate = dict(generate) if generate else None
         # No `root` attribute on purpose: synthesis recipes read KALIE folders from `datamodule.root`.
         self.data_root = root
         self.json_path = Path(json_path)
@@ -117,9 +123,16 @@ class RoboPointDataModule(KeypointDataModule):
         self.keep_in_memory = keep_in_memory
         self.left_out: Counter = Counter()
 
+    def prepare_data(self) -> None:
+        if self.generate is not None:
+            from affordvla.data.toy_robopoint import ensure_toy_robopoint
+
+            ensure_toy_robopoint(self.json_path, self.image_dir, Path(self.data_root) / "where2place", **self.generate)
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        self.prepare_data()  # idempotent; also covers callers that skip the Trainer
         entries, self.left_out, self.num_skipped = read_pointing_index(self.json_path, self.image_dir, self.on_error)
         if not entries:
             raise RoboPointFormatError(f"{self.json_path}: no pointing answers ([(x, y), ...]) among its turns "
