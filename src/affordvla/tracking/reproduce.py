@@ -1,0 +1,315 @@
+"""`affordvla-reproduce`: re-run a tracked run from its logged config and check that the result is the same.
+
+    affordvla-reproduce RUN_ID [--tracking-uri URI] [--target-uri URI] [--output-dir DIR] [--rtol R] [--atol A]
+                        [--override KEY=VALUE ...] [--against OTHER_RUN_ID] [--format markdown|json] [--report FILE]
+
+The run's `run/overrides.json` is replayed through `affordvla-train` (the same overrides, `paths.root_dir`
+pinned to the original's so data and backbones are found where the run found them) into a new output folder,
+logging into the same store unless --target-uri says otherwise. Then it checks:
+
+  config_hash  the `config_hash` tags are equal;
+  metrics      every final metric is equal (within --rtol/--atol; timings such as train_seconds are left out);
+  weights      the fine-tuned weights (`model/*.safetensors`, else the last `checkpoints/step_*`) are equal
+               tensor by tensor (within --rtol/--atol);
+  git_sha      reported, with a warning when it differs or a tree was dirty (not a failure).
+
+Exit 0 when config hash, metrics and weights all match, 1 otherwise, 2 on a usage error. `--against` compares
+with an existing run instead of training again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from affordvla.tracking.runs import default_tracking_uri
+
+TIMING_SUFFIXES = ("_seconds", "_per_s", "_time")  # wall-clock figures: never reproducible, never compared
+
+
+class ReproduceError(ValueError):
+    """The run cannot be reproduced as asked (unknown id, not an affordvla-train run, failed training)."""
+
+
+def is_timing(name: str) -> bool:
+    return name.endswith(TIMING_SUFFIXES)
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def get_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise ReproduceError(f"run {run_id!r} not found in {client.tracking_uri}: {exc.message}") from None
+
+
+def logged_config(client, run_id: str, dst: Path) -> tuple[list[str], dict[str, Any]]:
+    """The overrides and the resolved config a run logged (artifacts run/overrides.json, run/config_resolved.yaml)."""
+    found = {}
+    for name in ("overrides.json", "config_resolved.yaml"):
+        try:
+            found[name] = Path(client.download_artifacts(run_id, f"run/{name}", str(dst)))
+        except Exception as exc:  # MLflow raises several types for a missing artifact
+            raise ReproduceError(f"run {run_id} has no artifact run/{name} (not an affordvla-train run?): "
+                                 f"{exc}") from None
+    overrides = json.loads(found["overrides.json"].read_text())
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ReproduceError(f"run {run_id}: run/overrides.json is not a list of overrides")
+    return overrides, yaml.safe_load(found["config_resolved.yaml"].read_text()) or {}
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def replay_overrides(overrides: list[str], config: dict[str, Any], *, target_uri: str, output_dir: Path,
+                     run_name: str, extra: list[str]) -> list[str]:
+    """The command-line overrides that re-run `config`: the logged ones, `paths.root_dir` pinned to where the
+    original run resolved it (if that folder is here), the target store, a fresh output folder and a run name
+    to find the new run by. Keys set here replace the logged ones (Hydra applies the last)."""
+    replaced = {"paths.mlflow_uri", "logger.mlflow.run_name"}
+    replay = [o for o in overrides if _key(o) not in replaced]
+    root = (config.get("paths") or {}).get("root_dir")
+    if root and Path(root).is_dir() and not any(_key(o) == "paths.root_dir" for o in overrides):
+        replay.append(f"paths.root_dir={root}")
+    replay += [f"paths.mlflow_uri={target_uri}", f"logger.mlflow.run_name={run_name}",
+               f"hydra.run.dir={output_dir}", *extra]
+    return replay
+
+
+def train_again(replay: list[str], log_file: Path) -> None:
+    from affordvla.tracking.tables import stream_process
+
+    command = [sys.executable, "-m", "affordvla.train", *replay]
+    print(f"affordvla-reproduce: affordvla-train {' '.join(replay)}", flush=True)
+    started = time.perf_counter()
+    code = stream_process(command, log_file)
+    if code:
+        raise ReproduceError(f"the re-run failed (exit {code}); its output is in {log_file}")
+    print(f"affordvla-reproduce: trained again in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def find_run_by_name(client, run_name: str):
+    from affordvla.tracking.runs import search_runs
+
+    runs = [r for r in search_runs(client, status=None) if r.info.run_name == run_name]
+    if not runs:
+        raise ReproduceError(f"the re-run finished but no run named {run_name!r} is in {client.tracking_uri} "
+                             "(was it run with logger=none?)")
+    return runs[0]
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+
+def _close(a: float, b: float, rtol: float, atol: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if rtol == 0 and atol == 0:
+        return a == b
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+
+
+def compare_metrics(original: dict[str, float], again: dict[str, float], rtol: float = 0.0,
+                    atol: float = 0.0) -> dict[str, Any]:
+    names = sorted(k for k in set(original) | set(again) if not is_timing(k))
+    differing = {}
+    for name in names:
+        a, b = original.get(name), again.get(name)
+        if a is None or b is None or not _close(a, b, rtol, atol):
+            differing[name] = {"original": a, "reproduced": b}
+    return {"match": not differing, "compared": len(names), "differing": differing,
+            "skipped_timings": sorted(k for k in set(original) | set(again) if is_timing(k))}
+
+
+def weights_location(config: dict[str, Any]) -> Path | None:
+    """Where a run's final fine-tuned weights are: the exported `model/` folder (export_dir), else the last
+    `checkpoints/step_*` of its output folder."""
+    export_dir = config.get("export_dir")
+    if export_dir and any(Path(export_dir).glob("*.safetensors")):
+        return Path(export_dir)
+    output_dir = (config.get("paths") or {}).get("output_dir")
+    if output_dir:
+        steps = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step_*")
+                       if (p / "model.safetensors").is_file())
+        if steps:
+            return steps[-1]
+    return None
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in `folder` (keys prefixed by the file when they collide)."""
+    from affordvla.checkpointing import load_state_dict
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        for key, value in load_state_dict(path).items():
+            tensors[key if key not in tensors else f"{path.name}:{key}"] = value
+    return tensors
+
+
+def compare_weights(original: Path | None, again: Path | None, rtol: float = 0.0, atol: float = 0.0) -> dict[str, Any]:
+    if original is None or again is None:
+        return {"match": False, "original": str(original) if original else None,
+                "reproduced": str(again) if again else None,
+                "error": "no weights found for the " + ("original" if original is None else "reproduced") +
+                         " run (model/*.safetensors or checkpoints/step_*/model.safetensors)"}
+    a, b = load_weights(original), load_weights(again)
+    only_original, only_again = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    differing: dict[str, float | str] = {}
+    for key in sorted(set(a) & set(b)):
+        x, y = a[key], b[key]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            differing[key] = f"{tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}"
+            continue
+        same = torch.equal(x, y) if rtol == 0 and atol == 0 else torch.allclose(x.double(), y.double(), rtol=rtol,
+                                                                                 atol=atol, equal_nan=True)
+        if not same:
+            differing[key] = float((x.double() - y.double()).abs().max())
+    return {"match": not (differing or only_original or only_again), "original": str(original),
+            "reproduced": str(again), "tensors": len(set(a) & set(b)), "differing": differing,
+            "only_original": only_original, "only_reproduced": only_again}
+
+
+def compare_git(original: str | None, again: str | None) -> dict[str, Any]:
+    warnings = []
+    if not original or not again or "unknown" in (original, again):
+        warnings.append("git sha unknown for one of the runs")
+    elif original.split("+")[0] != again.split("+")[0]:
+        warnings.append(f"code differs: {original} vs {again}")
+    for label, sha in (("original", original), ("reproduced", again)):
+        if sha and sha.endswith("+dirty"):
+            warnings.append(f"the {label} run's working tree had uncommitted changes")
+    return {"original": original, "reproduced": again, "warnings": warnings}
+
+
+def compare_runs(original, again, original_config: dict[str, Any], again_config: dict[str, Any],
+                 rtol: float = 0.0, atol: float = 0.0) -> dict[str, Any]:
+    """The full report comparing two runs (MLflow Run objects) and their resolved configs."""
+    hash_a, hash_b = original.data.tags.get("config_hash"), again.data.tags.get("config_hash")
+    report = {
+        "original_run": original.info.run_id,
+        "reproduced_run": again.info.run_id,
+        "config_hash": {"match": bool(hash_a) and hash_a == hash_b, "original": hash_a, "reproduced": hash_b},
+        "metrics": compare_metrics(original.data.metrics, again.data.metrics, rtol, atol),
+        "weights": compare_weights(weights_location(original_config), weights_location(again_config), rtol, atol),
+        "git_sha": compare_git(original.data.tags.get("git_sha"), again.data.tags.get("git_sha")),
+        "tolerance": {"rtol": rtol, "atol": atol},
+    }
+    report["match"] = all(report[k]["match"] for k in ("config_hash", "metrics", "weights"))
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    def mark(ok: bool) -> str:
+        return "match" if ok else "MISMATCH"
+
+    h, m, w, g = report["config_hash"], report["metrics"], report["weights"], report["git_sha"]
+    lines = [f"# Reproduction of run `{report['original_run']}`", "",
+             f"Reproduced as run `{report['reproduced_run']}`: "
+             f"**{'reproduced' if report['match'] else 'NOT reproduced'}**"
+             f" (rtol={report['tolerance']['rtol']}, atol={report['tolerance']['atol']}).", "",
+             "| check | result | detail |", "|---|---|---|",
+             f"| config hash | {mark(h['match'])} | `{h['original']}` vs `{h['reproduced']}` |",
+             f"| metrics | {mark(m['match'])} | {m['compared']} compared, {len(m['differing'])} differ"
+             f" (timings left out: {', '.join(m['skipped_timings']) or 'none'}) |"]
+    if "error" in w:
+        lines.append(f"| weights | {mark(False)} | {w['error']} |")
+    else:
+        lines.append(f"| weights | {mark(w['match'])} | {w['tensors']} tensors compared, {len(w['differing'])} differ, "
+                     f"{len(w['only_original']) + len(w['only_reproduced'])} in one run only |")
+    lines.append(f"| git sha | {'warning' if g['warnings'] else 'same'} | `{g['original']}` vs `{g['reproduced']}` |")
+    lines.append("")
+    for name, values in m["differing"].items():
+        lines.append(f"- metric `{name}`: {values['original']!r} vs {values['reproduced']!r}")
+    for name, detail in list(w.get("differing", {}).items())[:20]:
+        lines.append(f"- tensor `{name}`: " + (f"max abs diff {detail:.3g}" if isinstance(detail, float) else detail))
+    for warning in g["warnings"]:
+        lines.append(f"- warning: {warning}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def reproduce(run_id: str, *, tracking_uri: str | None = None, target_uri: str | None = None,
+              output_dir: str | Path | None = None, extra_overrides: list[str] | None = None,
+              against: str | None = None, rtol: float = 0.0, atol: float = 0.0) -> dict[str, Any]:
+    source_uri = tracking_uri or default_tracking_uri()
+    target = target_uri or source_uri
+    source = _client(source_uri)
+    original = get_run(source, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides, config = logged_config(source, run_id, Path(tmp) / "original")
+        if against:
+            other_client = _client(target)
+            again = get_run(other_client, against)
+            _, again_config = logged_config(other_client, against, Path(tmp) / "again")
+        else:
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+            if output_dir is None:
+                root = Path((config.get("paths") or {}).get("output_root") or Path("outputs").resolve())
+                output_dir = root / "reproduce" / f"{run_id[:8]}_{stamp}"
+            output_dir = Path(output_dir).resolve()
+            if output_dir.exists() and any(output_dir.iterdir()):
+                raise ReproduceError(f"{output_dir} already holds files: give a new --output-dir")
+            run_name = f"reproduce-{run_id[:8]}-{stamp}"
+            replay = replay_overrides(overrides, config, target_uri=target, output_dir=output_dir,
+                                      run_name=run_name, extra=list(extra_overrides or []))
+            train_again(replay, output_dir.parent / f"{output_dir.name}.log")
+            other_client = _client(target)
+            again = find_run_by_name(other_client, run_name)
+            _, again_config = logged_config(other_client, again.info.run_id, Path(tmp) / "again")
+        report = compare_runs(original, again, config, again_config, rtol, atol)
+    report["overrides"] = overrides
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="affordvla-reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_id")
+    parser.add_argument("--tracking-uri", help="store holding the run (default $AFFORDVLA_MLFLOW_URI or "
+                        "sqlite:///outputs/mlflow.db)")
+    parser.add_argument("--target-uri", help="store the re-run logs into (default: the same store)")
+    parser.add_argument("--output-dir", help="output folder of the re-run (default "
+                        "<output_root>/reproduce/<run>_<time>)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra override for the re-run (e.g. trainer=gpu), repeatable")
+    parser.add_argument("--against", metavar="RUN_ID", help="compare with this existing run instead of re-running")
+    parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default 0: identical)")
+    parser.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
+    parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    parser.add_argument("--report", help="also write the JSON report to this file")
+    args = parser.parse_args(argv)
+    try:
+        report = reproduce(args.run_id, tracking_uri=args.tracking_uri, target_uri=args.target_uri,
+                           output_dir=args.output_dir, extra_overrides=args.override, against=args.against,
+                           rtol=args.rtol, atol=args.atol)
+    except ReproduceError as exc:
+        print(f"affordvla-reproduce: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2, default=str)
+    if args.report:
+        Path(args.report).write_text(text)
+    print(text if args.format == "json" else render_markdown(report))
+    return 0 if report["match"] else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
