@@ -13,16 +13,27 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
 from affordvla.backbones.finetuning import export_backbone
 from affordvla.callbacks import StopAfterSteps, log_artifact
 from affordvla.checkpointing import SafetensorsCheckpointIO
+from affordvla.distributed import (
+    check_launch_under_hydra,
+    module_for_export,
+    wants_backbone,
+)
 from affordvla.synthesis.pipeline import apply_synthesis
-from affordvla.tracking.run_record import config_hash, flatten_params, run_tags, write_run_files
+from affordvla.tracking.run_record import (
+    config_hash,
+    flatten_params,
+    run_tags,
+    write_run_files,
+)
 
 log = logging.getLogger("affordvla.train")
 CONFIG_DIR = os.environ.get("AFFORDVLA_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -43,6 +54,16 @@ def _hydra_runtime() -> tuple[dict[str, Any], list[str], Path]:
     return choices, overrides, Path(runtime.output_dir)
 
 
+def sweep_tags(overrides: list[str]) -> dict[str, str]:
+    """Tags that tie a multirun job to its sweep (the sweep directory is unique per sweep), so the sweep's runs
+    can be gathered and compared afterwards (affordvla.sweeps.report). Empty for a single run."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    return {"sweep_dir": str(Path(hydra_cfg.sweep.dir).resolve()), "sweep_job": str(hydra_cfg.job.num),
+            "sweep_overrides": json.dumps(overrides)}
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns every logged metric."""
     started = time.perf_counter()
@@ -58,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if hasattr(module, "make_collate"):
         datamodule.collate = module.make_collate()
 
-    tags = run_tags(choices, cfg.task_name, cfg_hash)
+    tags = run_tags(choices, cfg.task_name, cfg_hash) | sweep_tags(overrides)
     loggers = _instantiate_group(cfg.get("logger"), tags=tags)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.get("stop_after_steps"):
@@ -66,18 +87,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[SafetensorsCheckpointIO()])
+                                     plugins=[SafetensorsCheckpointIO()], **_strategy(cfg, backbone))
+    check_launch_under_hydra(trainer, HydraConfig.get().mode)
+    # Under DDP every rank runs this function (Lightning re-executes the command for ranks > 0, or SLURM starts
+    # one task per GPU): the run's files, export and MLflow records are written by global rank 0 only.
+    rank_zero = trainer.is_global_zero
 
     datamodule.prepare_data()
     datamodule.setup("fit")
-    run_files = write_run_files(cfg, output_dir, overrides, {
-        "tags": tags, "dataset": datamodule.metadata(), "backbone_source": backbone.source,
-    })
-    for logger in loggers:
-        logger.log_hyperparams(flatten_params(cfg))
-    if loggers:
-        for path in run_files.values():
-            log_artifact(trainer, path, "run")
+    if rank_zero:
+        run_files = write_run_files(cfg, output_dir, overrides, {
+            "tags": tags, "dataset": datamodule.metadata(), "backbone_source": backbone.source,
+            "world_size": trainer.world_size,
+        })
+        for logger in loggers:
+            logger.log_hyperparams(flatten_params(cfg))
+        if loggers:
+            for path in run_files.values():
+                log_artifact(trainer, path, "run")
 
     metrics: dict[str, float] = {}
     if cfg.train:
@@ -89,18 +116,43 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["train_seconds"] = time.perf_counter() - started
 
     if cfg.get("export_dir") and cfg.train and not trainer.fast_dev_run:
-        export_backbone(backbone, cfg.export_dir, merge=True)
-        if hasattr(module, "export_policy"):
-            module.export_policy(cfg.export_dir)
-        Path(cfg.export_dir, "dataset_metadata.json").write_text(json.dumps(datamodule.metadata(), indent=2))
-    metrics_file = output_dir / "metrics.json"
-    metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    if loggers:
-        for logger in loggers:
-            logger.log_metrics({"train_seconds": metrics["train_seconds"]})
-        log_artifact(trainer, metrics_file, "run")
-    _report(metrics)
+        # every rank enters: under FSDP the full weights are gathered (a collective) into a module on rank 0
+        with module_for_export(trainer, module, lambda: _build_module(cfg, datamodule.metadata())) as trained:
+            if trained is not None:
+                export_backbone(trained.backbone, cfg.export_dir, merge=True)
+                if hasattr(trained, "export_policy"):
+                    trained.export_policy(cfg.export_dir)
+                Path(cfg.export_dir, "dataset_metadata.json").write_text(
+                    json.dumps(datamodule.metadata(), indent=2))
+    if rank_zero:
+        metrics_file = output_dir / "metrics.json"
+        metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if loggers:
+            for logger in loggers:
+                logger.log_metrics({"train_seconds": metrics["train_seconds"]})
+            log_artifact(trainer, metrics_file, "run")
+        _report(metrics)
     return metrics
+
+
+def _strategy(cfg: DictConfig, backbone) -> dict[str, Any]:
+    """`trainer.strategy` built here when it is a factory that needs the backbone (FSDP wraps the backbone's own
+    block classes); otherwise left to the trainer's instantiation."""
+    from hydra.utils import get_method
+
+    spec = cfg.trainer.get("strategy")
+    if not isinstance(spec, DictConfig) or "_target_" not in spec or not wants_backbone(get_method(spec._target_)):
+        return {}
+    return {"strategy": instantiate(spec, backbone=backbone)}
+
+
+def _build_module(cfg: DictConfig, metadata: dict[str, Any]):
+    """A fresh module as the config and the dataset describe it: the container FSDP's gathered weights are
+    loaded into for the export (a policy module sizes its head from the dataset's metadata)."""
+    module = instantiate(cfg.module, backbone=instantiate(cfg.backbone), head=instantiate(cfg.head))
+    if hasattr(module, "configure_from_metadata"):
+        module.configure_from_metadata(metadata)
+    return module
 
 
 def _check_pairing(cfg: DictConfig, datamodule) -> None:

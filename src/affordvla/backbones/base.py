@@ -88,6 +88,11 @@ class VLMBackbone(nn.Module, abc.ABC):
     part_prefixes: ClassVar[dict[str, tuple[str, ...]]]
     # Names of the linear layers LoRA adapts by default, per part (see backbones/finetuning.py).
     lora_targets: ClassVar[dict[str, list[str]]]
+    # Class names of the repeated transformer blocks: the units FSDP shards one by one and activation
+    # checkpointing recomputes (affordvla.distributed). Names, not classes, so one family covers its variants
+    # (PaliGemma 1 on Gemma, PaliGemma 2 on Gemma 2); the classes come from the loaded model.
+    decoder_layer_names: ClassVar[tuple[str, ...]] = ()
+    vision_layer_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, processor: Any, source: str):
         super().__init__()
@@ -184,6 +189,20 @@ class VLMBackbone(nn.Module, abc.ABC):
         return out
 
     # --- optimisation helpers -----------------------------------------------------------------------------
+    def _layer_classes(self, names: tuple[str, ...]) -> tuple[type[nn.Module], ...]:
+        found = {type(m) for m in self.model.modules() if type(m).__name__ in names}
+        return tuple(sorted(found, key=lambda c: c.__qualname__))
+
+    @property
+    def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
+        """The language model's block classes present in this model (one per block type)."""
+        return self._layer_classes(self.decoder_layer_names)
+
+    @property
+    def vision_layer_classes(self) -> tuple[type[nn.Module], ...]:
+        """The vision tower's block classes present in this model."""
+        return self._layer_classes(self.vision_layer_names)
+
     def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters grouped by part (e.g. vision_tower, projector, language_model)."""
         parts: dict[str, list[nn.Parameter]] = {name: [] for name in self.part_prefixes}

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.sample import ActionWindowSample
+from affordvla.data.sampling import StepResumableSampler
 
 log = logging.getLogger(__name__)
 SOURCES = ("calvin", "oxe", "rlbench")
@@ -204,9 +205,13 @@ class ActionWindowDataModule(L.LightningDataModule):
 
     # --- loaders ------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, collate_fn=collate_action_windows, num_workers=self.num_workers)
+        # the step-resumable sampler: an exact resume, and under DDP the ranks' batches together are the
+        # single-process batch (Lightning would otherwise reshuffle with its own DistributedSampler)
+        trainer = self.trainer
+        done = (lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else (lambda: 0)
+        sampler = StepResumableSampler(len(self.splits["train"]), self.batch_size, self.seed, done)
+        return DataLoader(self.splits["train"], batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          collate_fn=collate_action_windows, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], batch_size=self.batch_size, shuffle=False,

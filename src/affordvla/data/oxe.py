@@ -233,8 +233,13 @@ class RLDSDataset:
 
     def episode_records(self, split: str, *, rank: int = 0, world_size: int = 1) -> Iterator[tuple[str, bytes]]:
         """(where, serialized Example) for the episodes of a logical split ('train' or 'val'), restricted to this
-        consumer's share: shard i goes to consumer i mod world_size. Without a stored 'val' split, the stored
-        train split is cut as TFDS's train[:95%] / train[95%:] (by global episode index)."""
+        consumer's share (consumers = distributed ranks x loader workers). With at least as many shards as
+        consumers, shard i goes to consumer i mod world_size (each reads whole shards only). With fewer, shard
+        i is shared by consumers i, i + n, i + 2n, ... (n shards), which take its records in turn; either way the
+        shares are disjoint and together cover the split. Without a stored 'val' split, the stored train split is
+        cut as TFDS's train[:95%] / train[95%:] (by global episode index)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"consumer {rank} is outside {world_size} consumers")
         if split in self.splits:
             stored, keep = split, None
         elif split == "val" and "train" in self.splits:
@@ -245,12 +250,20 @@ class RLDSDataset:
             keep = "train"
         lengths = self.shard_lengths(stored) if keep else [0] * len(self.splits[stored])
         boundary = round(TRAIN_FRACTION_WITHOUT_VAL * sum(lengths))
+        shards = len(self.splits[stored])
+        if world_size <= shards:  # whole shards dealt out
+            mine, turn, turns = lambda i: i % world_size == rank, 0, 1
+        else:  # consumers rank % n, rank % n + n, ... share shard rank % n, taking its records in turn
+            sharing = range(rank % shards, world_size, shards)
+            mine, turn, turns = lambda i: i == rank % shards, sharing.index(rank), len(sharing)
         first = 0
         for shard_index, (shard, length) in enumerate(zip(self.splits[stored], lengths)):
             start, first = first, first + length
-            if shard_index % world_size != rank:
+            if not mine(shard_index):
                 continue
             for index, data in enumerate(read_records(shard)):
+                if index % turns != turn:
+                    continue
                 position = start + index
                 if keep == "train" and position >= boundary or keep == "val" and position < boundary:
                     continue
@@ -354,7 +367,7 @@ def stream_mixture(root: str | Path, mixture: str | list[tuple[str, float]], spl
                     yield window
             if not produced:
                 raise OXEFormatError(f"{datasets[name].path}: split {split!r} gives consumer {rank} of {world_size} "
-                                     "no episodes (fewer shards than consumers?)")
+                                     "no episodes (fewer episodes than ranks x loader workers?)")
 
     sources = {name: windows(name) for name in weights}
     names, probabilities = list(weights), np.array(list(weights.values()))

@@ -521,6 +521,8 @@ def weights_file(path: Path) -> Path:
 
 class CogVLMBackbone(VLMBackbone):
     family = "cogvlm"
+    decoder_layer_names = ("CogVLMDecoderLayer",)
+    vision_layer_names = ("EVA2CLIPLayer",)
     part_prefixes = COGVLM_PARTS
     lora_targets = COGVLM_LORA_TARGETS
 

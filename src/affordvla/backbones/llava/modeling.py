@@ -44,6 +44,8 @@ def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
 
 class LlavaBackbone(VLMBackbone):
     family = "llava"
+    decoder_layer_names = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+    vision_layer_names = ("CLIPEncoderLayer", "SiglipEncoderLayer")
     part_prefixes = TRANSFORMERS_VLM_PARTS
     lora_targets = TRANSFORMERS_VLM_LORA_TARGETS
 

@@ -27,6 +27,8 @@ from affordvla.backbones.base import (
 
 class PaliGemmaBackbone(VLMBackbone):
     family = "paligemma"
+    decoder_layer_names = ("GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer")
+    vision_layer_names = ("SiglipEncoderLayer",)
     part_prefixes = TRANSFORMERS_VLM_PARTS
     lora_targets = TRANSFORMERS_VLM_LORA_TARGETS
 
