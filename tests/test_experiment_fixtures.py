@@ -11,8 +11,8 @@ from PIL import Image
 
 from affordvla.data.robopoint import RoboPointFormatError, read_where2place
 from affordvla.data.robopoint_datamodule import RoboPointDataModule, read_pointing_index
-from affordvla.data.toy_robopoint import ensure_toy_robopoint
 from affordvla.data.toy_rlbench import write_toy_rlbench
+from affordvla.data.toy_robopoint import ensure_toy_robopoint
 from affordvla.evaluation.where2place import load_mask
 
 

@@ -170,6 +170,19 @@ def test_an_absent_store_gives_a_table_of_missing_cells(tmp_path):
     assert files["chart"].is_file()
 
 
+def test_a_reference_row_shows_the_papers_numbers_beside_the_cells(tmp_path, store):
+    uri, ids, hashes = store
+    spec = json.loads(json.dumps(SPEC))
+    spec["rows"].insert(0, {"name": "paper's model", "experiment": None, "published": {"action MSE": 0.02}})
+    spec, cells, files = tables.build_table(_write_spec(tmp_path / "with_reference", spec), tracking_uri=uri,
+                                            out=tmp_path / "out")
+    assert [c.status for c in cells] == ["reference", "ok", "stale", "missing", "ok"]
+    markdown = files["markdown"].read_text()
+    assert "| paper's model | — | 0.020 | — | — | — | — | reference (published only) |" in markdown
+    assert f"| lstm | **0.041** | 0.050 | 93.3 | 91.0 | `{ids['lstm'][:8]}` |" in markdown  # the reference is not "best"
+    assert "paper's model,,,0.02,,,,,,reference" in files["csv"].read_text().splitlines()
+
+
 def _broken(spec_change) -> dict:
     spec = json.loads(json.dumps(SPEC))
     spec_change(spec)
@@ -182,6 +195,8 @@ def _broken(spec_change) -> dict:
     (lambda s: s["rows"][2]["published"].update({"action MSE": "high"}), "rows[2] ('gpt'): published['action MSE'] must be a number or null"),
     (lambda s: s["rows"].append({"name": "lstm", "experiment": "toy_actions_lstm"}), "rows[4] ('lstm'): duplicate row name 'lstm'"),
     (lambda s: s["rows"][3].update({"experimnt": "x"}), "rows[3] ('discrete'): unknown key(s) ['experimnt']"),
+    (lambda s: s["rows"][2].update({"experiment": None}),
+     "rows[2] ('gpt'): a reference row (experiment: null) needs published numbers"),
     (lambda s: s["columns"][0].pop("metric"), "columns[0] ('action MSE'): 'metric' is missing or not a string"),
     (lambda s: s["columns"][1].update({"format": "{:.1q}"}), "columns[1] ('gripper acc (%)'): 'format' '{:.1q}' cannot format"),
     (lambda s: s.update({"rows": []}), "'rows' must be a non-empty list"),

@@ -23,7 +23,7 @@ def action_metrics(predicted: np.ndarray, target: np.ndarray, mask: np.ndarray |
     if gripper_dim is not None:
         gripper = dims.pop(gripper_dim)
     error = p[:, dims] - t[:, dims]
-    out = {"action_mse": float((error**2).mean()), "action_l1": float(np.abs(error).mean()), "count": int(len(p))}
+    out = {"action_mse": float((error**2).mean()), "action_l1": float(np.abs(error).mean()), "count": len(p)}
     out.update({f"action_mse_dim{d}": float(v) for d, v in zip(dims, (error**2).mean(0))})
     if gripper_dim is not None:
         out["gripper_accuracy"] = float(((p[:, gripper] > gripper_threshold) == (t[:, gripper] > gripper_threshold)).mean())

@@ -24,7 +24,7 @@ def long_horizon_metrics(results: list[int] | np.ndarray) -> dict[str, float]:
     if results.min() < 0 or results.max() > SUBTASKS or not np.all(results == np.round(results)):
         raise ValueError(f"each result counts completed subtasks: an integer in 0..{SUBTASKS}")
     rates = {f"success_{i}": float((results >= i).mean()) for i in range(1, SUBTASKS + 1)}
-    return {**rates, "avg_len": float(results.mean()), "sequences": int(len(results))}
+    return {**rates, "avg_len": float(results.mean()), "sequences": len(results)}
 
 
 def results_from_sequences(sequences: list[list[bool]]) -> list[int]:

@@ -38,7 +38,7 @@ COLUMN_KEYS = {"name", "metric", "lower_is_better", "format"}
 ROW_KEYS = {"name", "experiment", "published", "metrics"}
 DEFAULT_FORMAT = "{:.4g}"
 # Statuses of a cell, as written in the tables.
-OK, STALE, MISSING, FAILED = "ok", "stale", "missing", "failed"
+OK, STALE, MISSING, FAILED, REFERENCE = "ok", "stale", "missing", "failed", "reference"
 
 
 class TableError(ValueError):
@@ -63,7 +63,7 @@ class Column:
 @dataclass
 class Row:
     name: str
-    experiment: str
+    experiment: str | None  # None: a reference row, the paper's own model, shown with its published numbers only
     published: dict[str, float | None] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)  # column name -> metric key, overriding the column's
 
@@ -160,9 +160,13 @@ def _parse_rows(path: Path, entries: Any, column_names: set[str]) -> list[Row]:
         unknown = sorted(set(entry) - ROW_KEYS)
         if unknown:
             raise TableError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(ROW_KEYS)}")
-        for key in ("name", "experiment"):
-            if not isinstance(entry.get(key), str) or not entry[key]:
-                raise TableError(f"{where}: '{key}' is missing or not a string")
+        if not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise TableError(f"{where}: 'name' is missing or not a string")
+        # a row without an experiment is a reference row: a model of the paper this framework does not train
+        reference = entry.get("experiment") is None and "experiment" in entry
+        if not reference and (not isinstance(entry.get("experiment"), str) or not entry["experiment"]):
+            raise TableError(f"{where}: 'experiment' is missing or not a string (null marks a reference row "
+                             "of published numbers only)")
         if entry["name"] in {r.name for r in rows}:
             raise TableError(f"{where}: duplicate row name {entry['name']!r}")
         published = entry.get("published") or {}
@@ -180,6 +184,8 @@ def _parse_rows(path: Path, entries: Any, column_names: set[str]) -> list[Row]:
         for column, value in metrics.items():
             if not isinstance(value, str) or not value:
                 raise TableError(f"{where}: metrics[{column!r}] must be a metric key, got {value!r}")
+        if reference and not any(v is not None for v in published.values()):
+            raise TableError(f"{where}: a reference row (experiment: null) needs published numbers")
         rows.append(Row(entry["name"], entry["experiment"],
                         {k: (float(v) if v is not None else None) for k, v in published.items()}, dict(metrics)))
     return rows
@@ -256,6 +262,9 @@ def collect(spec: TableSpec, tracking_uri: str, scale: str, hashes: dict[str, st
     client = MlflowClient(tracking_uri) if store_exists(tracking_uri) else None
     cells = []
     for row in spec.rows:
+        if row.experiment is None:
+            cells.append(Cell(row, REFERENCE, "", {c.name: None for c in spec.columns}))
+            continue
         run = latest_run(client, {"experiment": row.experiment, "scale": scale}) if client else None
         if run is None:
             cells.append(Cell(row, MISSING, hashes[row.name], {c.name: None for c in spec.columns}))
@@ -316,7 +325,8 @@ def _best(spec: TableSpec, cells: list[Cell]) -> dict[str, str | None]:
 def _status_text(cell: Cell) -> str:
     if cell.status == STALE:
         return f"STALE (config now `{cell.current_hash}`)"
-    return {OK: "ok", MISSING: "MISSING (no run)", FAILED: "FAILED (see log)"}[cell.status]
+    return {OK: "ok", MISSING: "MISSING (no run)", FAILED: "FAILED (see log)",
+            REFERENCE: "reference (published only)"}[cell.status]
 
 
 def render_markdown(spec: TableSpec, cells: list[Cell], scale: str, tracking_uri: str) -> str:
@@ -348,7 +358,8 @@ def render_markdown(spec: TableSpec, cells: list[Cell], scale: str, tracking_uri
         lines.append("| " + " | ".join(entries) + " |")
     lines += ["", "Bold: best up-to-date measured value (↓ lower is better, ↑ higher is better). "
               "STALE: the run's config_hash differs from the cell's config as composed now (re-run it). "
-              "MISSING: no finished run of the cell at this scale. n/a: the run did not log the metric. "
+              "MISSING: no finished run of the cell at this scale. reference: a model of the paper that this "
+              "framework does not train, with its published numbers only. n/a: the run did not log the metric. "
               "— : no value.", ""]
     return "\n".join(lines)
 
@@ -362,7 +373,7 @@ def render_csv(spec: TableSpec, cells: list[Cell]) -> str:
         header += [column.name, f"{column.name} (published)"]
     writer.writerow(header + ["run_id", "config_hash", "current_config_hash", "status"])
     for cell in cells:
-        values = [cell.row.name, cell.row.experiment]
+        values = [cell.row.name, cell.row.experiment or ""]
         for column in spec.columns:
             for value in (cell.values[column.name], cell.row.published.get(column.name)):
                 values.append("" if value is None else repr(float(value)))
@@ -460,8 +471,9 @@ def build_table(folder: str | Path, *, scale: str = "full", tracking_uri: str | 
     spec = load_spec(folder)
     uri = tracking_uri or default_tracking_uri()
     extra = list(extra_overrides or [])
-    overrides = {row.name: cell_overrides(spec, row, scale, extra) for row in spec.rows}
-    hashes = {row.name: current_hash(spec, row, overrides[row.name]) for row in spec.rows}  # fails early
+    cells_to_run = [row for row in spec.rows if row.experiment is not None]
+    overrides = {row.name: cell_overrides(spec, row, scale, extra) for row in cells_to_run}
+    hashes = {row.name: current_hash(spec, row, overrides[row.name]) for row in cells_to_run}  # fails early
     cells = collect(spec, uri, scale, hashes)
     out_dir = Path(out) if out else Path(_project_root()) / "outputs" / "tables" / spec.name
     todo = [c for c in cells if c.status == MISSING or (rerun_stale and c.status == STALE)] if run_missing else []

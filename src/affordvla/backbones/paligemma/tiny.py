@@ -79,6 +79,7 @@ def tiny_config(
     vision_layers: int = 3,
     text_layers: int = 3,
     heads: int = 4,
+    kv_heads: int = 1,
     intermediate_size: int = 512,
 ) -> PaliGemmaConfig:
     vision = SiglipVisionConfig(
@@ -97,7 +98,7 @@ def tiny_config(
         intermediate_size=intermediate_size,
         num_hidden_layers=text_layers,
         num_attention_heads=heads,
-        num_key_value_heads=1,
+        num_key_value_heads=kv_heads,
         head_dim=hidden_size // heads,
         max_position_embeddings=1024,
     )
