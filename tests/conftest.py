@@ -78,3 +78,15 @@ def overfit_keypoint_batch(backbone, head, batch, optimizer, steps: int) -> list
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def log_finished_run(client, experiment_name: str, tags: dict, metrics: dict, start: int,
+                     status: str = "FINISHED") -> str:
+    """A run written straight into an MLflow store (no training): tags, one value per metric, an end status."""
+    from affordvla.tracking.mlflow_setup import ensure_experiment
+
+    run = client.create_run(ensure_experiment(client, experiment_name), start_time=start, tags=tags)
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id, status=status)
+    return run.info.run_id

@@ -5,19 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import log_finished_run
 from mlflow import MlflowClient
 from PIL import Image
 
 from affordvla.tracking import runs
-from affordvla.tracking.mlflow_setup import ensure_experiment
 
-
-def _run(client, experiment, tags, metrics, start, status="FINISHED"):
-    run = client.create_run(ensure_experiment(client, experiment), start_time=start, tags=tags)
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, key, value)
-    client.set_terminated(run.info.run_id, status=status)
-    return run.info.run_id
+_run = log_finished_run
 
 
 @pytest.fixture(scope="module")

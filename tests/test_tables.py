@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_train
+from conftest import compose_train, log_finished_run
 from mlflow import MlflowClient
 from PIL import Image
 
 from affordvla.tracking import tables
-from affordvla.tracking.mlflow_setup import ensure_experiment
 from affordvla.tracking.run_record import config_hash
 
 SPEC = {
@@ -50,13 +49,8 @@ def _hash(experiment: str, *extra: str) -> str:
 
 def _log_run(client: MlflowClient, experiment: str, *, tags: dict, metrics: dict, start: int,
              status: str = "FINISHED") -> str:
-    experiment_id = ensure_experiment(client, f"affordvla-{experiment}")
-    run = client.create_run(experiment_id, start_time=start, tags={"experiment": experiment, "task_name": experiment,
-                                                                   **tags})
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, key, value)
-    client.set_terminated(run.info.run_id, status=status)
-    return run.info.run_id
+    return log_finished_run(client, f"affordvla-{experiment}",
+                            {"experiment": experiment, "task_name": experiment, **tags}, metrics, start, status)
 
 
 @pytest.fixture(scope="module")
