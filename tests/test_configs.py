@@ -86,6 +86,9 @@ def test_config_hash_ignores_where_a_run_writes_but_not_what_it_computes(tmp_pat
     from affordvla.tracking.run_record import config_hash
 
     base = config_hash(_compose([f"paths.root_dir={tmp_path}"]))
-    assert base == config_hash(_compose([f"paths.root_dir={tmp_path / 'elsewhere'}", "logger=none"]))
+    assert base == config_hash(_compose([f"paths.root_dir={tmp_path / 'elsewhere'}", "logger=none",
+                                         "callbacks.progress_bar.refresh_rate=0", "callbacks.keypoint_overlays=null"]))
+    assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "stop_after_steps=3"]))
+    assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "+callbacks.benchmark={_target_: x.Y}"]))
     assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "module.optimizer.lr=1e-4"]))
     assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "backbone=llava_tiny"]))

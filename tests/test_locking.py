@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -43,10 +42,8 @@ def test_a_held_lock_times_out_with_the_holder_named(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        started = time.monotonic()
         with pytest.raises(LockTimeout, match=f"pid {holder.pid}"), exclusive(target, timeout=0.3, poll=0.05):
             pass
-        assert time.monotonic() - started < 5
     finally:
         holder.kill()
         holder.wait()

@@ -55,6 +55,9 @@ def fsdp_strategy(backbone, *, sharding_strategy: str = "FULL_SHARD", param_dtyp
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
 
+    if state_dict_type != "full":  # the export and the checkpoint IO expect the gathered weights on rank 0
+        raise ValueError(f"fsdp state_dict_type={state_dict_type!r}: only 'full' is supported (checkpoints and the "
+                         "export hold the gathered weights)")
     decoder = set(backbone.decoder_layer_classes)
     if not decoder:
         raise ValueError(f"backbone {type(backbone).__name__} has no decoder block among "
@@ -102,6 +105,19 @@ def check_launch_under_hydra(trainer, mode: RunMode | None) -> None:
         raise ValueError(f"trainer.devices={trainer.num_devices} starts extra processes by re-running the command, "
                          "which inside a multirun (-m) would re-run the whole sweep. Sweep multi-GPU jobs with "
                          "hydra/launcher=slurm (one task per GPU), or run each job on its own without -m.")
+
+
+def check_resumable(trainer, ckpt_path: str | None) -> None:
+    """Checkpoints are written as a folder (`model.safetensors` + `training_state.pt`) through the project's
+    checkpoint IO. FSDP reads back only its own shard folders or a single file, and DeepSpeed writes and reads its
+    engine's format, so resuming from `ckpt_path` under either would fail deep inside Lightning: refuse at once."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if ckpt_path and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        name = type(trainer.strategy).__name__
+        raise ValueError(f"ckpt_path={ckpt_path}: resuming is supported with the single-device and DDP strategies; "
+                         f"{name} cannot read the checkpoint folder. Start a new run from the exported weights "
+                         "(backbone.pretrained=<run>/model) instead.")
 
 
 def is_sharded(trainer) -> bool:

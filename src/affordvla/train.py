@@ -24,6 +24,7 @@ from affordvla.callbacks import StopAfterSteps, log_artifact
 from affordvla.checkpointing import SafetensorsCheckpointIO
 from affordvla.distributed import (
     check_launch_under_hydra,
+    check_resumable,
     module_for_export,
     wants_backbone,
 )
@@ -89,6 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[SafetensorsCheckpointIO()], **_strategy(cfg, backbone))
     check_launch_under_hydra(trainer, HydraConfig.get().mode)
+    check_resumable(trainer, cfg.get("ckpt_path"))
     # Under DDP every rank runs this function (Lightning re-executes the command for ranks > 0, or SLURM starts
     # one task per GPU): the run's files, export and MLflow records are written by global rank 0 only.
     rank_zero = trainer.is_global_zero

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from affordvla.data.rlbench import RLBenchFormatError, write_episode
+from affordvla.locking import exclusive
 
 log = logging.getLogger(__name__)
 MARKERS = ".toy_rlbench"
@@ -73,6 +74,14 @@ def write_toy_rlbench(root: str | Path, tasks: list[str], *, splits: dict[str, i
     if not tasks:
         raise ValueError("toy RLBench data needs the task names to write (dataset.tasks)")
     splits = dict(splits or {"train": 4, "val": 2})
+    with exclusive(root):  # parallel jobs: the first writes the episodes, the others wait and reuse them
+        _write_tasks(root, tasks, splits, seed, episode_length, image_size)
+    log.info("toy RLBench episodes for %s are in %s", tasks, root)
+    return root
+
+
+def _write_tasks(root: Path, tasks: list[str], splits: dict[str, int], seed: int, episode_length: int,
+                 image_size: int) -> None:
     for task in tasks:
         params = {"generator": GENERATOR, "task": task, "splits": splits, "seed": seed,
                   "episode_length": episode_length, "image_size": image_size}
@@ -95,5 +104,3 @@ def write_toy_rlbench(root: str | Path, tasks: list[str], *, splits: dict[str, i
                               variation_number=0)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(params, indent=2))  # last: a half-written task is never reused
-    log.info("wrote toy RLBench episodes for %s to %s", tasks, root)
-    return root

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from affordvla.data.robopoint import (
     write_where2place,
 )
 from affordvla.data.tabletop import make_scene
+from affordvla.locking import exclusive
 
 log = logging.getLogger(__name__)
 MARKER = "toy_robopoint.json"
@@ -120,13 +122,23 @@ def ensure_toy_robopoint(json_path: str | Path, image_dir: str | Path, where2pla
     json_path, image_dir, where2place_dir = Path(json_path), Path(image_dir), Path(where2place_dir)
     if where2place > 100:
         raise ValueError(f"Where2Place names its images with two digits: at most 100 questions, got {where2place}")
+    # folders relative to the dataset root, so the same data reached through another path is still recognised
     params = {"generator": GENERATOR, "seed": seed, "image_size": image_size, "images": images,
               "where2place": where2place, "unseen_fraction": unseen_fraction,
-              "image_dir": str(image_dir), "where2place_dir": str(where2place_dir)}
+              "image_dir": os.path.relpath(image_dir.resolve(), json_path.parent.resolve()),
+              "where2place_dir": os.path.relpath(where2place_dir.resolve(), json_path.parent.resolve())}
+    with exclusive(json_path.parent):  # parallel jobs: the first writes the fixture, the others wait and reuse it
+        _write_unless_complete(json_path, image_dir, where2place_dir, params, seed, image_size, images, where2place,
+                               unseen_fraction)
+    return json_path
+
+
+def _write_unless_complete(json_path: Path, image_dir: Path, where2place_dir: Path, params: dict, seed: int,
+                           image_size: int, images: int, where2place: int, unseen_fraction: float) -> None:
     marker = json_path.parent / MARKER
     if marker.is_file():
         if json.loads(marker.read_text()) == params:
-            return json_path
+            return
         raise RoboPointFormatError(f"{json_path.parent} holds generated RoboPoint data with other parameters "
                                    f"({marker}); choose another dataset.root or delete it")
     tasks = list(TASKS)
@@ -164,4 +176,3 @@ def ensure_toy_robopoint(json_path: str | Path, image_dir: str | Path, where2pla
     marker.write_text(json.dumps(params, indent=2))  # last: a half-written fixture is never reused
     log.info("wrote toy RoboPoint data (%d pointing turns) to %s and Where2Place to %s", len(entries), json_path,
              where2place_dir)
-    return json_path

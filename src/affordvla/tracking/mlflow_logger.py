@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from affordvla.tracking.mlflow_setup import (
     install_sqlite_busy_timeout,
     prepare_experiment,
+    sqlite_path,
     with_retries,
 )
 
@@ -23,6 +24,8 @@ class SharedStoreMLFlowLogger(MLFlowLogger):
 
     def __init__(self, experiment_name: str = "lightning_logs", tracking_uri: str | None = None, **kwargs: Any):
         install_sqlite_busy_timeout()
+        if tracking_uri is not None and sqlite_path(tracking_uri) is None:
+            kwargs["artifact_location"] = None  # a tracking server keeps artifacts in its own store
         experiment_id = None
         if tracking_uri is not None and rank_zero_only.rank == 0:
             experiment_id = prepare_experiment(tracking_uri, experiment_name, kwargs.get("artifact_location"))

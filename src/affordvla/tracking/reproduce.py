@@ -37,6 +37,10 @@ from affordvla.tracking.runs import default_tracking_uri
 TIMING_SUFFIXES = ("_seconds", "_per_s", "_time")  # wall-clock figures: never reproducible, never compared
 
 
+class RerunFailed(RuntimeError):
+    """The re-run did not finish: the run does not reproduce (exit 1), which is not a usage error (exit 2)."""
+
+
 class ReproduceError(ValueError):
     """The run cannot be reproduced as asked (unknown id, not an affordvla-train run, failed training)."""
 
@@ -102,7 +106,7 @@ def train_again(replay: list[str], log_file: Path) -> None:
     started = time.perf_counter()
     code = stream_process(command, log_file)
     if code:
-        raise ReproduceError(f"the re-run failed (exit {code}); its output is in {log_file}")
+        raise RerunFailed(f"the re-run failed (exit {code}); its output is in {log_file}")
     print(f"affordvla-reproduce: trained again in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -303,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReproduceError as exc:
         print(f"affordvla-reproduce: {exc}", file=sys.stderr)
         return 2
+    except RerunFailed as exc:
+        print(f"affordvla-reproduce: {exc}", file=sys.stderr)
+        return 1
     text = json.dumps(report, indent=2, default=str)
     if args.report:
         Path(args.report).write_text(text)

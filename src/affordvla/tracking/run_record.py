@@ -41,15 +41,21 @@ def git_sha(path: str | Path | None = None) -> str:
 
 
 # Top-level keys that say where a run writes or how it reports, not what it computes: left out of the config hash.
-HASH_EXCLUDED = ("hydra", "paths", "logger", "callbacks", "ckpt_path", "stop_after_steps", "export_dir", "task_name")
+HASH_EXCLUDED = ("hydra", "paths", "logger", "ckpt_path", "export_dir", "task_name")
+# Callbacks that only record or display; others (a benchmark scored at test time) change the metrics and count.
+REPORTING_CALLBACKS = ("model_checkpoint", "rng_state", "keypoint_overlays", "action_traces", "lr_monitor",
+                       "progress_bar")
 
 
 def config_hash(cfg: DictConfig) -> str:
     """12 hex digits identifying what a run computes: the config before interpolation (so `${paths...}` stays
-    symbolic and machine independent) without the keys in HASH_EXCLUDED. Two runs of one table cell share it."""
+    symbolic and machine independent) without the keys in HASH_EXCLUDED and the reporting callbacks. Two runs of
+    one table cell share it; a run cut short by `stop_after_steps` does not share it with a full one."""
     content = OmegaConf.to_container(cfg, resolve=False)
     for key in HASH_EXCLUDED:
         content.pop(key, None)
+    callbacks = content.get("callbacks") or {}
+    content["callbacks"] = {k: v for k, v in callbacks.items() if k not in REPORTING_CALLBACKS}
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
