@@ -43,3 +43,19 @@ def test_where2place_and_calvin_commands(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["avg_len"] == 3.0
     assert main(["where2place", "--data", str(tmp_path / "w2p")]) == 1
     assert "needs --model" in capsys.readouterr().err
+
+
+def test_keypoints_of_a_regression_head_run_is_refused_with_the_reason(tmp_path, capsys):
+    from conftest import log_finished_run
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = log_finished_run(client, "affordvla-train", {}, {}, start=0)
+    (tmp_path / "model").mkdir()
+    config = tmp_path / "config_resolved.yaml"
+    config.write_text(f"export_dir: {tmp_path / 'model'}\ndataset: {{root: /data}}\nbackbone: {{}}\n"
+                      "head: {_target_: affordvla.heads.keypoint_regression.KeypointRegressionHead}\n")
+    client.log_artifact(run_id, str(config), "run")
+    assert main(["keypoints", "--run-id", run_id, "--tracking-uri", uri]) == 1
+    assert "KeypointRegressionHead, not the keypoint-text head" in capsys.readouterr().err

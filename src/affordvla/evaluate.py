@@ -4,6 +4,8 @@
     affordvla-eval keypoints --run-id ID [--tracking-uri URI]      (the run's exported model and dataset)
     affordvla-eval where2place --data W2P_ROOT (--model DIR | --answers answers.jsonl) [--mode compat|corrected]
     affordvla-eval calvin --results results.json
+    affordvla-eval rollout --model EXPORT_DIR --env toy|calvin|rlbench|simpler [--episodes N] [--chains N]
+    affordvla-eval rollout --run-id ID [--log-to-run]            (the run's exported policy; log the metrics into it)
 
 Every command prints one JSON object of metrics (and writes it to --out when given).
 """
@@ -48,7 +50,8 @@ def load_model(model_dir: str | Path, **kwargs):
 
 def evaluate_keypoints(model_dir: str | Path, data_root: str | Path, *, split: str = "test",
                        codec: str = "paligemma_loc", prompt_style: str = "instruction", batch_size: int = 16,
-                       centre_crop: float | None = None, prefix_lm: bool | None = None) -> dict[str, float]:
+                       centre_crop: float | None = None, prefix_lm: bool | None = None,
+                       constrained: bool = False) -> dict[str, float]:
     """KALIE keypoint metrics of a model on a KALIE-format dataset split, beside the mean-keypoint baseline."""
     from affordvla.data.datamodule import KalieDataModule
     from affordvla.evaluation.keypoints import KeypointEvaluator
@@ -56,7 +59,7 @@ def evaluate_keypoints(model_dir: str | Path, data_root: str | Path, *, split: s
 
     extra = {"prefix_lm": prefix_lm} if prefix_lm is not None else {}
     backbone = load_model(model_dir, **extra)
-    head = KeypointTextHead(codec=codec, prompt_style=prompt_style)
+    head = KeypointTextHead(codec=codec, prompt_style=prompt_style, constrained=constrained)
     head.bind(backbone)
     data = KalieDataModule(str(data_root), generate=None, eval_centre_crop=centre_crop)
     data.setup()
@@ -84,8 +87,12 @@ def run_locations(run_id: str, tracking_uri: str) -> dict[str, Any]:
     export_dir = config.get("export_dir")
     if not export_dir or not Path(export_dir).is_dir():
         raise ValueError(f"run {run_id} exported no model directory (export_dir={export_dir!r})")
-    return {"model": export_dir, "data": config["dataset"]["root"], "codec": config["head"]["codec"],
-            "prompt_style": config["head"].get("prompt_style", "instruction"),
+    head = config["head"]
+    if "codec" not in head:
+        raise ValueError(f"run {run_id} trained {head.get('_target_')}, not the keypoint-text head: its test "
+                         "metrics are logged in the run; `keypoints` scores text answers only")
+    return {"model": export_dir, "data": config["dataset"]["root"], "codec": head["codec"],
+            "prompt_style": head.get("prompt_style", "instruction"), "constrained": head.get("constrained", False),
             "prefix_lm": config["backbone"].get("prefix_lm")}
 
 
@@ -118,6 +125,103 @@ def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None 
     return metrics, answers
 
 
+def load_policy(model_dir: str | Path, config: str | Path | None = None, execution: str = "first"):
+    """A `PolicyRunner` over an exported policy (`export_policy` beside the exported backbone). The head's
+    settings come from the training run's resolved config: `config`, else `config_resolved.yaml` beside the
+    export (affordvla-train writes the export to <run>/model)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from affordvla.backbones.factory import load_backbone
+    from affordvla.policy_module import POLICY_CONFIG, ActionPolicyModule
+    from affordvla.rollout import PolicyRunner
+
+    model_dir = Path(model_dir)
+    if not (model_dir / POLICY_CONFIG).is_file():
+        raise ValueError(f"{model_dir} has no {POLICY_CONFIG}: not an exported policy "
+                         "(train with module=action_policy)")
+    config = Path(config) if config else model_dir.parent / "config_resolved.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: the training run's resolved config is needed to rebuild the head "
+                                "(pass --config, or --run-id)")
+    cfg = OmegaConf.load(config)
+    policy = json.loads((model_dir / POLICY_CONFIG).read_text())
+    prefix_lm = cfg.backbone.get("prefix_lm")
+    extra = {"prefix_lm": prefix_lm} if prefix_lm is not None else {}
+    backbone = load_backbone(_family(model_dir), str(model_dir), **extra)
+    module = ActionPolicyModule(backbone, instantiate(cfg.head), optimizer=None, formulation=policy["formulation"],
+                                latent_tokens=policy["latent_tokens"])
+    module.load_exported_head(model_dir)
+    return PolicyRunner(module, execution=execution)
+
+
+class _CameraChecked:
+    """The runner, checking the first observation it gets against the cameras the policy was trained on."""
+
+    def __init__(self, runner, strict_size: bool):
+        self.runner, self.strict_size, self.checked = runner, strict_size, False
+
+    def reset(self) -> None:
+        self.runner.reset()
+
+    def act(self, observation: dict[str, Any]) -> np.ndarray:
+        if not self.checked:
+            from affordvla.evaluation.rollouts import check_cameras
+
+            module = self.runner.module
+            cameras = module.dataset_metadata.get("cameras") or {}
+            check_cameras(cameras if self.strict_size else {}, module.camera, observation)
+            self.checked = True
+        return self.runner.act(observation)
+
+
+def evaluate_rollout(model_dir: str | Path, env_name: str, *, episodes: int = 0, chains: int = 0,
+                     max_steps: int | None = None, seed: int = 0, execution: str = "first",
+                     frames_dir: str | Path | None = None, config: str | Path | None = None,
+                     data: str | None = None, task: str | None = None, subtasks: int = 5,
+                     progress: bool = True):
+    """Closed-loop rollouts of an exported policy: (metrics, RolloutReport)."""
+    from affordvla.evaluation.rollouts import run_chains, run_episodes
+    from affordvla.evaluation.simulators import (
+        DEFAULT_MAX_STEPS,
+        ENVIRONMENTS,
+        make_env,
+    )
+
+    if env_name not in ENVIRONMENTS:
+        raise ValueError(f"unknown environment {env_name!r}; valid: {list(ENVIRONMENTS)}")
+    if episodes < 0 or chains < 0 or episodes + chains == 0:
+        raise ValueError("rollout needs --episodes N and/or --chains N (N > 0)")
+    runner = load_policy(model_dir, config=config, execution=execution)
+    module = runner.module
+    env = make_env(env_name, policy_camera=module.camera, data=data, task=task,
+                   camera_size=(module.dataset_metadata.get("cameras") or {}).get(module.camera))
+    agent = _CameraChecked(runner, strict_size=env_name == "toy")  # the toy world renders the trained sizes
+    steps = max_steps or DEFAULT_MAX_STEPS[env_name]
+    try:
+        with torch.inference_mode():
+            report = run_episodes(agent, env, episodes, steps, seed, progress=progress, frames_dir=frames_dir,
+                                  camera=module.camera) if episodes else None
+            if chains:
+                report = run_chains(agent, env, chains, steps, seed, subtasks, progress=progress,
+                                    frames_dir=frames_dir, camera=module.camera, report=report)
+    finally:
+        if hasattr(env, "close"):
+            env.close()
+    return report.metrics(), report
+
+
+def log_to_run(run_id: str, tracking_uri: str, metrics: dict[str, float], files: list[Path]) -> None:
+    """Record rollout metrics (and image strips) in the training run, where affordvla-table reads them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    for path in files:
+        client.log_artifact(run_id, str(path), "rollout")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="affordvla-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the metrics JSON here")
@@ -130,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     keypoints.add_argument("--split", default="test")
     keypoints.add_argument("--codec", default="paligemma_loc", choices=("paligemma_loc", "kalie_json", "robopoint"))
     keypoints.add_argument("--prompt-style", default="instruction", choices=("instruction", "kalie"))
+    keypoints.add_argument("--constrained", action="store_true",
+                           help="decode through the codec's answer grammar (every answer parses)")
     keypoints.add_argument("--centre-crop", type=float, help="evaluate on KALIE's centre crop (e.g. 0.642857)")
     where = commands.add_parser("where2place", help="Where2Place accuracy (compat: the original scorer's numbers)")
     where.add_argument("--data", required=True)
@@ -139,16 +245,35 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--save-answers", help="write the generated answers here (JSON lines)")
     calvin = commands.add_parser("calvin", help="CALVIN long-horizon metrics from recorded rollout results")
     calvin.add_argument("--results", required=True)
+    rollout = commands.add_parser("rollout", help="closed-loop rollouts of an exported policy in a simulator")
+    rollout.add_argument("--model", help="an exported policy directory (<run>/model)")
+    rollout.add_argument("--run-id", help="an affordvla-train MLflow run: its exported policy and config")
+    rollout.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    rollout.add_argument("--config", help="the run's config_resolved.yaml (default: beside the export)")
+    rollout.add_argument("--env", required=True, choices=("toy", "calvin", "rlbench", "simpler"))
+    rollout.add_argument("--episodes", type=int, default=0, help="single-task episodes (success rate)")
+    rollout.add_argument("--chains", type=int, default=0, help="CALVIN-style chains of --subtasks (1..5 in a row)")
+    rollout.add_argument("--subtasks", type=int, default=5)
+    rollout.add_argument("--max-steps", type=int, help="per episode / subtask (default: toy 40, calvin 360, 120)")
+    rollout.add_argument("--seed", type=int, default=0, help="episode / chain i uses seed + i")
+    rollout.add_argument("--execution", default="first", choices=("first", "ensemble"))
+    rollout.add_argument("--frames", help="write image strips of the first rollouts here")
+    rollout.add_argument("--results", help="write per-chain results here (JSON lines; `calvin --results` reads them)")
+    rollout.add_argument("--data", help="calvin: the dataset root whose validation/ split the simulator loads")
+    rollout.add_argument("--task", help="rlbench / simpler: the task to run")
+    rollout.add_argument("--log-to-run", action="store_true", help="log the metrics (and strips) into --run-id")
+    rollout.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "keypoints":
-            settings = {"codec": args.codec, "prompt_style": args.prompt_style, "prefix_lm": None}
+            settings = {"codec": args.codec, "prompt_style": args.prompt_style, "prefix_lm": None,
+                        "constrained": args.constrained}
             model, data = args.model, args.data
             if args.run_id:
                 found = run_locations(args.run_id, args.tracking_uri)
                 model, data = model or found["model"], data or found["data"]
-                settings = {k: found[k] for k in ("codec", "prompt_style", "prefix_lm")}
+                settings = {k: found[k] for k in ("codec", "prompt_style", "prefix_lm", "constrained")}
             if not model or not data:
                 raise ValueError("keypoints needs --model and --data, or --run-id")
             metrics = evaluate_keypoints(model, data, split=args.split, centre_crop=args.centre_crop, **settings)
@@ -157,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                                                     mode=args.mode)
             if args.save_answers:
                 Path(args.save_answers).write_text("".join(json.dumps(a) + "\n" for a in answers))
+        elif args.command == "rollout":
+            metrics = _rollout_command(args)
         else:
             from affordvla.evaluation.calvin import load_results, long_horizon_metrics
 
             metrics = long_horizon_metrics(load_results(args.results))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"affordvla-eval: {exc}", file=sys.stderr)
         return 1
     text = json.dumps(metrics, indent=2, sort_keys=True)
@@ -169,6 +296,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text)
     return 0
+
+
+def _rollout_command(args) -> dict[str, float]:
+    model, config = args.model, args.config
+    if args.log_to_run and not args.run_id:
+        raise ValueError("--log-to-run needs --run-id")
+    if args.run_id:
+        from mlflow import MlflowClient
+        from omegaconf import OmegaConf
+
+        recorded = MlflowClient(args.tracking_uri).download_artifacts(args.run_id, "run/config_resolved.yaml")
+        export_dir = OmegaConf.load(recorded).get("export_dir")
+        if not model and not (export_dir and Path(export_dir).is_dir()):
+            raise ValueError(f"run {args.run_id} exported no policy directory (export_dir={export_dir!r})")
+        model, config = model or export_dir, config or recorded
+    if not model:
+        raise ValueError("rollout needs --model or --run-id")
+    if args.env != "toy":  # before loading the model: a missing simulator should cost nothing
+        from affordvla.evaluation.calvin import require_simulator
+
+        require_simulator(args.env)
+    episodes = args.episodes if (args.episodes or args.chains) else 100
+    metrics, report = evaluate_rollout(model, args.env, episodes=episodes, chains=args.chains,
+                                       max_steps=args.max_steps, seed=args.seed, execution=args.execution,
+                                       frames_dir=args.frames, config=config, data=args.data, task=args.task,
+                                       subtasks=args.subtasks, progress=not args.no_progress)
+    if args.results:
+        report.write_results(args.results)
+    if args.log_to_run:
+        log_to_run(args.run_id, args.tracking_uri, metrics, report.strips)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 MAX_STEP = 0.1  # table units moved per step at full action
 FULL_SPEED_DISTANCE = 0.5  # a proportional controller: the xy action is offset / 0.5, saturating at +-1
 GRASP_DISTANCE = 0.025
+START_HEIGHT = 0.3  # the gripper's height at the start of an episode (also the height it grasps from)
 STATIC_SIZE, GRIPPER_SIZE = 200, 84
 DONE_MARKER = "toy_actions.json"
 GENERATOR_VERSION = 2  # bumped whenever the scenes or the expert change, so an older dataset is rewritten
@@ -90,34 +91,71 @@ def render(table_colour, blocks: list[tuple[np.ndarray, tuple]], ee: np.ndarray,
     return {"rgb_static": static, "rgb_gripper": np.ascontiguousarray(crop[index][:, index])}
 
 
-def generate_episode(rng: np.random.Generator, length: int, distractors: int) -> tuple[list[dict], str, str]:
-    """Frames (CALVIN keys) of one scripted episode, its instruction and task id."""
-    names = rng.choice(list(COLOURS), size=1 + distractors, replace=False)
+@dataclass
+class ToyScene:
+    """One table: block colour names (the first is the episode's target), their centres, the table colour and
+    where the gripper starts. Mutable so that a simulator can carry a grasped block or clear a delivered one."""
+
+    names: list[str]
+    centres: list[np.ndarray]
+    table: tuple[int, int, int]
+    start: np.ndarray
+
+    def blocks(self) -> list[tuple[np.ndarray, tuple]]:
+        return [(c, COLOURS[n]) for c, n in zip(self.centres, self.names)]
+
+
+def sample_scene(rng: np.random.Generator, count: int) -> ToyScene:
+    """`count` distinct blocks, a table colour and a gripper start, drawn in the order the dataset always drew
+    them (the generated data depends on it)."""
+    if not 1 <= count <= len(COLOURS):
+        raise ValueError(f"a toy scene holds 1..{len(COLOURS)} blocks, not {count}")
+    names = [str(n) for n in rng.choice(list(COLOURS), size=count, replace=False)]
     # blocks far enough apart that the marker can only be at one of them
     centres: list[np.ndarray] = []
     while len(centres) < len(names):
         c = rng.uniform(0.15, 0.85, 2)
         if all(np.linalg.norm(c - o) > 0.2 for o in centres):
             centres.append(c)
-    target = centres[0]
-    blocks = [(c, COLOURS[n]) for c, n in zip(centres, names)]
     table = tuple(int(v) for v in rng.integers(150, 230, 3))
-    ee = rng.uniform(0.1, 0.9, 2)
-    z, closed = 0.3, False
+    return ToyScene(names, centres, table, rng.uniform(0.1, 0.9, 2))
+
+
+def apply_action(ee: np.ndarray, z: float, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
+    """The gripper's next (xy, height, closed) under a rel_actions action. Height stays in [0, 1] (the expert
+    only lifts, so the lower bound never touches the generated data)."""
+    ee = np.clip(ee + action[:2] * MAX_STEP, 0.0, 1.0)
+    z = max(min(z + action[2] * MAX_STEP / 2, 1.0), 0.0)
+    return ee, z, bool(action[6] < 0)
+
+
+def robot_state(ee: np.ndarray, z: float, closed: bool) -> np.ndarray:
+    """CALVIN's robot_obs layout (15): tcp xyz, euler (0), gripper width, 7 joints (0), gripper action."""
+    robot_obs = np.zeros(15)
+    robot_obs[:3] = (ee[0], ee[1], z)
+    robot_obs[6] = 0.0 if closed else 0.08
+    robot_obs[14] = -1.0 if closed else 1.0
+    return robot_obs
+
+
+def instruction_for(name: str) -> tuple[str, str]:
+    """The instruction and task id of picking the `name` block."""
+    return f"pick up the {name} block", f"pick_{name}"
+
+
+def generate_episode(rng: np.random.Generator, length: int, distractors: int) -> tuple[list[dict], str, str]:
+    """Frames (CALVIN keys) of one scripted episode, its instruction and task id."""
+    scene = sample_scene(rng, 1 + distractors)
+    target, blocks = scene.centres[0], scene.blocks()
+    ee, z, closed = scene.start, START_HEIGHT, False
     frames = []
     for _ in range(length):
         action = scripted_action(ee, z, closed, target)
-        images = render(table, blocks, ee, z, closed)
-        robot_obs = np.zeros(15)
-        robot_obs[:3] = (ee[0], ee[1], z)
-        robot_obs[6] = 0.0 if closed else 0.08
-        robot_obs[14] = -1.0 if closed else 1.0
+        images = render(scene.table, blocks, ee, z, closed)
         frames.append({**images, "rel_actions": action, "actions": np.r_[ee, z, 0, 0, 0, action[6]],
-                       "robot_obs": robot_obs})
-        ee = np.clip(ee + action[:2] * MAX_STEP, 0.0, 1.0)
-        z = min(z + action[2] * MAX_STEP / 2, 1.0)
-        closed = action[6] < 0
-    return frames, f"pick up the {names[0]} block", f"pick_{names[0]}"
+                       "robot_obs": robot_state(ee, z, closed)})
+        ee, z, closed = apply_action(ee, z, action)
+    return (frames, *instruction_for(scene.names[0]))
 
 
 def write_toy_actions(root: str | Path, settings: ToyActionSettings = ToyActionSettings()) -> Path:

@@ -2,8 +2,9 @@
 
 Each evaluated sequence chains 5 subtasks and stops at the first failure, so its result is the number of
 subtasks completed in a row (0..5). "i in a row" is the fraction of sequences with result >= i, and Avg. Len. is
-the mean result (which equals the sum of the five rates). Rollouts need the CALVIN simulator; the metrics here
-work from recorded results, so they run anywhere.
+the mean result (which equals the sum of the five rates). The metrics here work from recorded results, so they
+run anywhere; rollouts.py produces such results closed-loop (the toy simulator everywhere, CALVIN with its
+simulator installed).
 """
 
 from __future__ import annotations
