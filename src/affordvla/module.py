@@ -228,9 +228,8 @@ class KeypointRegressionModule(AffordVLAModule):
         predicted = self._predict_batch(batch)
         losses = self.head.loss(predicted, batch["targets"])
         self.log(f"{split}/loss", losses["loss"], batch_size=len(batch["samples"]), sync_dist=True)
-        points = predicted.detach().float().cpu().numpy()
-        texts = ["[" + ", ".join(f"({x:.3f}, {y:.3f})" for x, y in p) + "]" for p in points]
-        self.evaluators[split].add(batch["samples"], texts, list(points))
+        points = predicted.detach().float().cpu().numpy()  # one forward serves the loss and the prediction
+        self.evaluators[split].add(batch["samples"], self.head.as_text(points), list(points))
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         group = {"params": list(self.head.parameters()), "name": "keypoint_head"}

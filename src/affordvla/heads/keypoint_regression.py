@@ -12,6 +12,7 @@ it works with every backbone family.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,5 +101,9 @@ class KeypointRegressionHead(nn.Module):
         """(texts, (K, 2) arrays): the text is the prediction written as RoboPoint's tuple list, for overlays and
         logs; regression never fails to parse."""
         points = self(backbone, pixel_values, [self.prompt(s) for s in samples]).cpu().numpy()
-        texts = ["[" + ", ".join(f"({x:.3f}, {y:.3f})" for x, y in p) + "]" for p in points]
-        return texts, list(points)
+        return self.as_text(points), list(points)
+
+    @staticmethod
+    def as_text(points: np.ndarray) -> list[str]:
+        """Each sample's (K, 2) prediction as RoboPoint's tuple list, for overlays and logs."""
+        return ["[" + ", ".join(f"({x:.3f}, {y:.3f})" for x, y in p) + "]" for p in points]
