@@ -267,8 +267,9 @@ def test_constrained_generation_always_parses(tiny_models, family, codec):
     assert head.constraint(backbone) is head.constraint(backbone)  # built once per tokenizer
 
 
-def test_head_config_has_constrained_off():
+def test_head_config_decodes_constrained_and_the_class_default_is_free():
     cfg = OmegaConf.load(CONFIG_DIR / "head" / "keypoint_text.yaml")
-    assert cfg.constrained is False
+    assert cfg.constrained is True  # the configured head: every answer parses
     head = KeypointTextHead(**{k: v for k, v in cfg.items() if k != "_target_"})
-    assert head.constrained is False
+    assert head.constrained is True
+    assert KeypointTextHead().constrained is False  # plain generation unless asked

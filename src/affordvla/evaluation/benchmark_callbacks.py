@@ -39,7 +39,7 @@ class Where2PlaceCallback(L.Callback):
     def _max_new_tokens(self, head) -> int:
         if self.max_new_tokens is not None:
             return self.max_new_tokens
-        configured = getattr(head, "_max_new_tokens", None)  # the text head's setting or its size from training
+        configured = head.answer_budget  # the text head's setting, or its size derived during validation
         if configured is None:
             raise ValueError("Where2PlaceCallback needs max_new_tokens (or head.max_new_tokens) to bound answers")
         return configured
@@ -51,7 +51,7 @@ class Where2PlaceCallback(L.Callback):
 
         questions = read_where2place(self.root)
         backbone, head = module.backbone, module.head
-        if not hasattr(head, "codec"):
+        if not hasattr(head, "answer"):
             raise TypeError(f"Where2Place needs a head that writes points as text (head=keypoint_text), got "
                             f"{type(head).__name__}")
         max_new_tokens = self._max_new_tokens(head)
@@ -66,7 +66,7 @@ class Where2PlaceCallback(L.Callback):
                     with Image.open(question.image_path) as im:
                         images.append(np.asarray(im.convert("RGB")))
                 pixels = backbone.preprocess_images(images).to(module.device)
-                texts = backbone.generate(pixels, [q.text for q in batch], max_new_tokens=max_new_tokens)
+                texts = head.answer(backbone, pixels, [q.text for q in batch], max_new_tokens)
                 answers.extend({"question_id": q.question_id, "text": t, "category": q.category}
                                for q, t in zip(batch, texts))
         finally:

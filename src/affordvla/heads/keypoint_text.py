@@ -50,6 +50,11 @@ class KeypointTextHead(nn.Module):
     def target_text(self, sample: KeypointSample) -> str:
         return self.codec.encode(sample.keypoints)
 
+    @property
+    def answer_budget(self) -> int | None:
+        """The configured (or, after the first prediction, derived) bound on answer tokens; None before either."""
+        return self._max_new_tokens
+
     def max_new_tokens(self, backbone: VLMBackbone, example: KeypointSample) -> int:
         if self._max_new_tokens is None:  # the encoded answer plus EOS, with slack for sloppy generations
             n = len(backbone.tokenizer(self.target_text(example), add_special_tokens=False)["input_ids"])
@@ -97,14 +102,20 @@ class KeypointTextHead(nn.Module):
     @torch.no_grad()
     def predict(self, backbone: VLMBackbone, pixel_values: torch.Tensor, samples: list[KeypointSample]):
         """Greedy answers and their parsed keypoints ((K, 2) arrays, or None where the text did not parse)."""
-        max_new_tokens = self.max_new_tokens(backbone, samples[0])
+        texts = self.answer(backbone, pixel_values, [self.prompt(s) for s in samples],
+                            self.max_new_tokens(backbone, samples[0]))
+        return texts, [self.codec.try_decode(t) for t in texts]
+
+    @torch.no_grad()
+    def answer(self, backbone: VLMBackbone, pixel_values: torch.Tensor, prompts: list[str],
+               max_new_tokens: int) -> list[str]:
+        """Greedy answers to ready-made prompts (a benchmark's own questions), under the codec's grammar when
+        `constrained`: the decoding every evaluation of this head shares."""
         kwargs = {}
         if self.constrained:
             kwargs["logits_processor"] = LogitsProcessorList(
                 [self.constraint(backbone).logits_processor(max_new_tokens, backbone.tokenizer.eos_token_id)])
-        texts = backbone.generate(pixel_values, [self.prompt(s) for s in samples], max_new_tokens=max_new_tokens,
-                                  **kwargs)
-        return texts, [self.codec.try_decode(t) for t in texts]
+        return backbone.generate(pixel_values, prompts, max_new_tokens=max_new_tokens, **kwargs)
 
     def constraint(self, backbone: VLMBackbone) -> TokenConstraint:
         """The codec's answer grammar over the backbone's vocabulary, built once per tokenizer."""
