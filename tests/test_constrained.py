@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from affordvla.backbones.cogvlm.tiny import write_tiny_cogvlm
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.llava.tiny import build_tokenizer as llama_tokenizer
 from affordvla.backbones.llava.tiny import write_tiny_llava
@@ -227,12 +228,13 @@ def test_finished_and_foreign_rows_only_allow_eos(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """Randomly initialised tiny backbones, one per tokenizer family."""
+    """Randomly initialised tiny backbones: one per tokenizer family, and CogVLM with its own generation loop."""
     root = tmp_path_factory.mktemp("constrained")
     size = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "vision_layers": 1,
             "text_layers": 1, "heads": 2}
     out = {"paligemma": load_backbone("paligemma", str(write_tiny_paligemma(root / "paligemma", **size))),
-           "llava": load_backbone("llava", str(write_tiny_llava(root / "llava", **size)))}
+           "llava": load_backbone("llava", str(write_tiny_llava(root / "llava", **size))),
+           "cogvlm": load_backbone("cogvlm", str(write_tiny_cogvlm(root / "cogvlm", **size)))}
     for backbone in out.values():
         backbone.eval()
     return out
@@ -246,7 +248,7 @@ def _samples(n: int = 3) -> list[KeypointSample]:
                            keypoints=rng.random((2, 2)), point_names=TWO) for i in range(n)]
 
 
-@pytest.mark.parametrize("family", ["paligemma", "llava"])
+@pytest.mark.parametrize("family", ["paligemma", "llava", "cogvlm"])
 @pytest.mark.parametrize("codec", ["paligemma_loc", "kalie_json", "robopoint"])
 def test_constrained_generation_always_parses(tiny_models, family, codec):
     backbone, samples = tiny_models[family], _samples()

@@ -616,9 +616,12 @@ class CogVLMBackbone(VLMBackbone):
     # --- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
-        """Greedy decoding with a key/value cache; each answer ends at the first EOS."""
+        """Greedy decoding with a key/value cache; each answer ends at the first EOS. `logits_processor` (a list of
+        transformers LogitsProcessors, e.g. the head's answer grammar) filters each step's scores, which it sees
+        with the prompt and the tokens generated so far, as in transformers' `generate`."""
+        processors = kwargs.pop("logits_processor", None) or []
         if kwargs:
-            raise TypeError(f"CogVLM's greedy generate takes no options {sorted(kwargs)}")
+            raise TypeError(f"CogVLM's greedy generate takes no options but logits_processor, got {sorted(kwargs)}")
         device = pixel_values.device
         inputs = {k: v.to(device) for k, v in self.build_inputs(prompts).items()}
         attention_mask, position_ids = inputs["attention_mask"], inputs["position_ids"]
@@ -627,6 +630,7 @@ class CogVLMBackbone(VLMBackbone):
                          token_type_ids=inputs["token_type_ids"], attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=True, logits_to_keep=1)
         new_tokens = []
+        sequence = inputs["input_ids"]  # prompt + generated ids, for the processors
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             if step:  # feed the last token: language-typed, attended, one position after the previous one
@@ -636,7 +640,12 @@ class CogVLMBackbone(VLMBackbone):
                 out = self.model(input_ids=last, token_type_ids=torch.zeros_like(last),
                                  attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(dim=-1)
+            scores = out.logits[:, -1]
+            for processor in processors:
+                scores = processor(sequence, scores)
+            token = scores.argmax(dim=-1)
+            if processors:
+                sequence = torch.cat([sequence, token[:, None]], dim=1)
             new_tokens.append(token)
             finished |= token == eos
             if bool(finished.all()):
