@@ -68,6 +68,24 @@ def test_action_statistics_cover_each_annotated_frame_once(split):
     assert set(np.round(stats["min"][6:], 6)) <= {-1.0, 1.0}
 
 
+def test_action_statistics_are_cached_by_the_split_index(split, tmp_path):
+    import json
+
+    dataset = CalvinWindowDataset(split, window_size=2, chunk_size=3)
+    stats = dataset.action_statistics(cache_dir=tmp_path)
+    (cache,) = tmp_path.glob("affordvla_action_stats_*.json")
+    assert json.loads(cache.read_text()) == stats
+    cache.write_text(json.dumps({**stats, "count": -1}))
+    assert dataset.action_statistics(cache_dir=tmp_path)["count"] == -1  # read back, not recomputed
+    # another action key is another cache entry
+    dataset.action_key = "actions"
+    assert dataset.action_statistics(cache_dir=tmp_path)["count"] == 9 and len(list(tmp_path.glob("*.json"))) == 2
+    # a place that cannot hold the cache (here a file, not a folder) only costs the recomputation
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    assert dataset.action_statistics(cache_dir=blocked)["count"] == 9
+
+
 def test_tampered_annotation_pickle_is_refused(tmp_path):
     class Exploit:
         def __reduce__(self):

@@ -171,7 +171,8 @@ class ActionWindowDataModule(L.LightningDataModule):
         if self.source == "calvin":
             from affordvla.data.calvin import CalvinWindowDataset
 
-            return CalvinWindowDataset(self.root / self.split_names["train"], 1, 1, cameras=()).action_statistics()
+            train = CalvinWindowDataset(self.root / self.split_names["train"], 1, 1, cameras=())
+            return train.action_statistics(cache_dir=self.cache_dir)
         if self.source == "rlbench":
             return self._cached_action_statistics(self._cache_path("train"))
         from affordvla.data.oxe import RLDSDataset

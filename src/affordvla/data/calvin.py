@@ -11,7 +11,10 @@ and, for each, the next `chunk_size` actions; steps past the segment end repeat 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from affordvla.data.safe_pickle import load_object_npy
 from affordvla.data.sample import ActionWindowSample
 
 log = logging.getLogger(__name__)
+LANG_FILE = "lang_annotations/auto_lang_ann.npy"
 
 FRAME_KEYS: dict[str, tuple[str, tuple[int, ...]]] = {  # key -> (dtype, shape) as CALVIN stores them
     "rgb_static": ("uint8", (200, 200, 3)),
@@ -59,7 +63,7 @@ class CalvinSegment:
 
 def read_language_segments(root: str | Path) -> list[CalvinSegment]:
     root = Path(root)
-    path = root / "lang_annotations" / "auto_lang_ann.npy"
+    path = root / LANG_FILE
     if not path.is_file():
         raise CalvinFormatError(f"{path} does not exist: a CALVIN split needs its language annotations")
     data = load_object_npy(path)
@@ -173,14 +177,32 @@ class CalvinWindowDataset(Dataset):
             meta={"source": str(self.root), "segment": segment_id, "task": segment.task, "start_frame": start},
         )
 
-    def action_statistics(self) -> dict[str, Any]:
-        """Mean, std, q01 and q99 per action dimension over every annotated frame (each frame once)."""
+    def action_statistics(self, cache_dir: str | Path | None = None) -> dict[str, Any]:
+        """Mean, std, q01 and q99 per action dimension over every annotated frame (each frame once).
+
+        Reading every frame's npz takes minutes on a real split, so the result is cached as JSON under a hash of
+        the split's episode and language index files and the action key, in `cache_dir` (default: the split
+        folder). A folder that cannot be written (read-only data) only costs the recomputation."""
         frames = sorted({f for seg in self.segments for f in range(seg.start, seg.end + 1)})
+        digest = hashlib.sha256(self.action_key.encode())
+        for index_file in (self.root / "ep_start_end_ids.npy", self.root / LANG_FILE):
+            digest.update(index_file.read_bytes() if index_file.is_file() else b"-")
+        cache = Path(cache_dir or self.root) / f"affordvla_action_stats_{digest.hexdigest()[:16]}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
         values = np.stack([load_frame(self.root, f, (self.action_key,))[self.action_key] for f in frames])
-        return {"action_key": self.action_key, "count": len(frames),
-                "mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
-                "q01": np.quantile(values, 0.01, axis=0).tolist(), "q99": np.quantile(values, 0.99, axis=0).tolist(),
-                "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+        stats = {"action_key": self.action_key, "count": len(frames),
+                 "mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
+                 "q01": np.quantile(values, 0.01, axis=0).tolist(), "q99": np.quantile(values, 0.99, axis=0).tolist(),
+                 "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(stats, indent=2))
+            tmp.replace(cache)
+        except OSError as exc:
+            log.info("action statistics not cached (%s): %s", cache, exc)
+        return stats
 
 
 # ------------------------------------------------------------------------------------------- fixture writer
