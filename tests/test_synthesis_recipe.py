@@ -352,3 +352,43 @@ def test_bad_input_names_the_file_and_the_entry(toy_source, tmp_path):
     # an output folder holding another run is refused rather than mixed
     with pytest.raises(SynthesisOutputError, match="other parameters"):
         synthesize_dataset(toy_source, tmp_path / "out2", _recipe(), progress=False)
+
+
+class _SeedFilter:
+    """A stand-in for the VLM filter: refuses the n-th image it is shown when `refuse(n)` (n counts from 1)."""
+
+    def __init__(self, refuse):
+        self.refuse, self.calls = refuse, []
+
+    def keep(self, image, task, objects):
+        self.calls.append((task, tuple(objects)))
+        return not self.refuse(len(self.calls))
+
+    def describe(self):
+        return {"filter": "test"}
+
+
+def test_image_filter_redraws_refused_variants_and_leaves_out_the_hopeless(toy_source, tmp_path):
+    from affordvla.data.kalie import read_kalie_index
+
+    # every first look at a variant is refused, the redraw kept: all N + N*K entries, each variant redrawn once
+    redraw = _SeedFilter(lambda call: call % 2 == 1)
+    result = synthesize_dataset(toy_source, tmp_path / "redrawn", _recipe(image_filter=redraw, filter_attempts=2),
+                                progress=False)
+    manifest = json.loads((tmp_path / "redrawn" / "manifest.json").read_text())
+    assert result.entries == N + N * K and len(redraw.calls) == 2 * N * K
+    assert manifest["counts"]["filter_redraws"] == N * K and manifest["counts"]["filter_rejected"] == 0
+    assert all(task for task, _ in redraw.calls)  # the entry's task and objects reach the filter
+
+    # a filter that refuses everything after the first 2 looks: later variants are left out, counted, not redone
+    strict = _SeedFilter(lambda call: call > 2)
+    out = tmp_path / "strict"
+    synthesize_dataset(toy_source, out, _recipe(image_filter=strict, filter_attempts=2), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entries, skipped = read_kalie_index(out)
+    assert skipped == 0 and len(entries) == N + 2  # the originals and the 2 kept variants
+    assert manifest["counts"]["filter_rejected"] == N * K - 2 and len(manifest["rejected"]) == N * K - 2
+    assert manifest["counts"]["entries"] == N + 2
+    calls = len(strict.calls)
+    synthesize_dataset(toy_source, out, _recipe(image_filter=strict, filter_attempts=2), progress=False)
+    assert len(strict.calls) == calls  # complete: the refused variants are not tried again

@@ -181,7 +181,8 @@ def _write_all(output: Path, params: dict[str, Any], items: list[PlannedItem], r
     if source_splits is not None:
         new_keys: dict[str, list[str]] = {}
         for item in items:
-            new_keys.setdefault(item.source.key, []).append(item.key)
+            if item.key not in writer.rejected:
+                new_keys.setdefault(item.source.key, []).append(item.key)
         out_splits = {name: [k for key in keys for k in new_keys.get(key, [])] for name, keys in source_splits.items()}
     writer.finish([i.key for i in items], out_splits, manifest,
                   preview=lambda path: _preview(path, writer, items, preview_rows))
@@ -253,31 +254,52 @@ def _synthesise_group(writer: SynthesisWriter, recipe: KalieRecipe, entry: Kalie
             writer.write(item.key, original, entry.points, other, masks,
                          {"source": entry.key, "variant": None, "missing_objects": missing})
         else:
-            try:
-                variant = recipe.variant(image, entry.points, masks, descriptions, item.variant, item.seed)
-            except Exception as exc:
-                raise SynthesisError(f"{where}, variant {item.variant} (seed {item.seed}): {exc}") from exc
+            variant, seed, attempts = _filtered_variant(recipe, entry, image, masks, descriptions, item, where)
+            if variant is None:  # the image filter refused every attempt: the entry is left out, and recorded
+                writer.reject(item.key, {"source": entry.key, "variant": item.variant, "attempts": attempts})
+                continue
             other = {**entry.other, "prompts": descriptions, "prompt": variant.record["prompt"],
-                     "synthesis": {"source": entry.key, "variant": item.variant, "seed": item.seed}}
-            record = {"source": entry.key, **variant.record, "missing_objects": missing}
+                     "synthesis": {"source": entry.key, "variant": item.variant, "seed": seed}}
+            record = {"source": entry.key, **variant.record, "missing_objects": missing, "filter_attempts": attempts}
             writer.write(item.key, variant.image, variant.points, other, variant.masks, record)
         written += 1
     return written
 
 
+def _filtered_variant(recipe: KalieRecipe, entry: KalieEntry, image: np.ndarray, masks: dict, descriptions: dict,
+                      item: PlannedItem, where: str):
+    """(variant, its seed, attempts): the planned seed first; while the image filter refuses, seeds derived from
+    it, up to `recipe.filter_attempts`. The variant is None when every attempt was refused."""
+    attempts = recipe.filter_attempts if recipe.image_filter is not None else 1
+    for attempt in range(attempts):
+        seed = item.seed if attempt == 0 else derive_seed(item.seed, "filter", attempt)
+        try:
+            variant = recipe.variant(image, entry.points, masks, descriptions, item.variant, seed)
+            if recipe.image_filter is None or recipe.image_filter.keep(variant.image, entry.other.get("task", ""),
+                                                                       list(entry.objects)):
+                return variant, seed, attempt + 1
+        except Exception as exc:
+            raise SynthesisError(f"{where}, variant {item.variant} (seed {seed}): {exc}") from exc
+    return None, None, attempts
+
+
 def _manifest(params: dict[str, Any], items: list[PlannedItem], writer: SynthesisWriter, skipped: int) -> dict:
-    records = {item.key: writer.entries[item.key]["record"] for item in items}
+    records = {item.key: writer.entries[item.key]["record"] for item in items if item.key in writer.entries}
     synthetic = [r for r in records.values() if r.get("variant") is not None]
     return {
         **params,
         "counts": {
-            "originals": len(items) - len(synthetic), "synthetic": len(synthetic), "entries": len(items),
+            "originals": sum(item.variant is None for item in items), "synthetic": len(synthetic),
+            "entries": len(records),
             "source_entries_skipped": skipped,
             "objects_moved": sum(len(r["objects"]) for r in synthetic),
             "objects_without_mask": sum(len(r["missing_objects"]) for r in synthetic),
             "clamped_coordinates": sum(r["clamped_coordinates"] for r in synthetic),
             "affine_redraws": sum(o["tries"] - 1 for r in synthetic for o in r["objects"].values()),
+            "filter_redraws": sum(r.get("filter_attempts", 1) - 1 for r in synthetic),
+            "filter_rejected": len(writer.rejected),
         },
+        "rejected": dict(writer.rejected),
         "entries": records,
     }
 
@@ -285,7 +307,8 @@ def _manifest(params: dict[str, Any], items: list[PlannedItem], writer: Synthesi
 def _preview(path: Path, writer: SynthesisWriter, items: list[PlannedItem], rows: int) -> None:
     groups: dict[str, list[PlannedItem]] = {}
     for item in items:
-        groups.setdefault(item.source.key, []).append(item)
+        if item.key in writer.entries:  # not the variants the image filter left out
+            groups.setdefault(item.source.key, []).append(item)
     chosen = [g for g in groups.values() if len(g) > 1][:rows] or list(groups.values())[:rows]
     grid = []
     for group in chosen:

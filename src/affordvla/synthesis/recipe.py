@@ -84,13 +84,19 @@ class KalieRecipe:
                  prompts: PromptSource | None = None, *, num_variants: int = 1, seed: int = 0,
                  affine: AffineRanges | Mapping[str, Any] | None = None, erode_px: float = 5.0,
                  dilate_px: float = 10.0, keypoint_region: str = "hull", keypoint_margin_px: float = 10.0,
-                 max_affine_tries: int = 10, prompt_suffix: str = PROMPT_SUFFIX):
+                 max_affine_tries: int = 10, prompt_suffix: str = PROMPT_SUFFIX, image_filter: Any = None,
+                 filter_attempts: int = 3):
         if num_variants < 0:
             raise ValueError(f"num_variants must be >= 0, got {num_variants}")
         if keypoint_region not in ("mask", "hull"):
             raise ValueError(f"keypoint_region must be 'mask' or 'hull', got {keypoint_region!r}")
         if max_affine_tries < 1:
             raise ValueError(f"max_affine_tries must be >= 1, got {max_affine_tries}")
+        if filter_attempts < 1:
+            raise ValueError(f"filter_attempts must be >= 1, got {filter_attempts}")
+        # KALIE's optional VLM check (`keep(image, task, objects) -> bool`, e.g. prompts.ChatFilter): a rejected
+        # variant is drawn again with a derived seed, up to `filter_attempts` times, then left out
+        self.image_filter, self.filter_attempts = image_filter, int(filter_attempts)
         self.backend, self.mask_provider, self.annotator, self.prompts = backend, masks, annotator, prompts
         self.num_variants = int(num_variants)
         self.seed = int(seed)
@@ -113,11 +119,13 @@ class KalieRecipe:
                 "affine": {**asdict(self.affine), "scale": list(self.affine.scale)},
                 "erode_px": self.erode_px, "dilate_px": self.dilate_px, "keypoint_region": self.keypoint_region,
                 "keypoint_margin_px": self.keypoint_margin_px, "max_affine_tries": self.max_affine_tries,
-                "prompt_suffix": self.prompt_suffix, "length_unit": f"px at {self.affine.reference_size} px"}
+                "prompt_suffix": self.prompt_suffix, "length_unit": f"px at {self.affine.reference_size} px",
+                "filter_attempts": self.filter_attempts if self.image_filter is not None else None}
 
     def models(self) -> dict[str, Any]:
         return {"backend": describe_part(self.backend), "masks": describe_part(self.mask_provider),
-                "annotator": describe_part(self.annotator), "prompts": describe_part(self.prompts)}
+                "annotator": describe_part(self.annotator), "prompts": describe_part(self.prompts),
+                "filter": describe_part(self.image_filter)}
 
     # ------------------------------------------------------------------------------------------ per entry
     def entry_masks(self, entry: KalieEntry, image: np.ndarray) -> dict[str, np.ndarray]:

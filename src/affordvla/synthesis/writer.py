@@ -84,6 +84,7 @@ class SynthesisWriter:
         self.index_every = max(1, int(index_every))
         self.state = self.root / STATE_DIR
         self.journal = self.state / "entries"
+        self.rejections = self.state / "rejected"  # variants the image filter refused: left out, not redone
         params_file = self.state / "params.json"
         if params_file.is_file():
             previous = json.loads(params_file.read_text(encoding="utf-8"))
@@ -94,18 +95,21 @@ class SynthesisWriter:
         elif (self.root / JSON_NAME).exists():
             raise SynthesisOutputError(f"{self.root} already holds a KALIE dataset that this stage did not write; "
                                        "choose an empty output folder")
-        for folder in (self.root / IMG_DIR, self.root / MASK_DIR, self.journal):
+        for folder in (self.root / IMG_DIR, self.root / MASK_DIR, self.journal, self.rejections):
             folder.mkdir(parents=True, exist_ok=True)
         if not params_file.is_file():
             atomic_write(params_file, _dump_json(self.params))
         self._remove_stale_temp_files()
         self.entries: dict[str, dict[str, Any]] = self._load_journal()
+        self.rejected: dict[str, dict[str, Any]] = {
+            p.stem: json.loads(p.read_text(encoding="utf-8")) for p in self.rejections.glob("entry_*.json")}
         self._since_index = 0
 
     # ------------------------------------------------------------------------------------------------ state
     def _remove_stale_temp_files(self) -> None:
         # Left by a run killed between writing a temp file and renaming it; only our own pattern is touched.
-        for folder in (self.root, self.root / IMG_DIR, self.root / MASK_DIR, self.state, self.journal):
+        for folder in (self.root, self.root / IMG_DIR, self.root / MASK_DIR, self.state, self.journal,
+                       self.rejections):
             for path in folder.glob(f".*{_TMP_SUFFIX}"):
                 path.unlink(missing_ok=True)
 
@@ -128,7 +132,12 @@ class SynthesisWriter:
         return (self.root / MANIFEST).is_file()
 
     def done(self, key: str) -> bool:
-        return key in self.entries
+        return key in self.entries or key in self.rejected
+
+    def reject(self, key: str, record: Mapping[str, Any]) -> None:
+        """Record that `key` is left out (the image filter refused every attempt), so a resumed run skips it."""
+        atomic_write(self.rejections / f"{key}.json", _dump_json(dict(record)))
+        self.rejected[key] = json.loads(json.dumps(dict(record)))
 
     # ------------------------------------------------------------------------------------------------ samples
     def write(self, key: str, image: np.ndarray | bytes, points: Mapping[str, Any], other: Mapping[str, Any],
@@ -171,7 +180,7 @@ class SynthesisWriter:
 
     def finish(self, expected: list[str], splits: Mapping[str, list[str]] | None, manifest: Mapping[str, Any],
                preview: Callable[[Path], None] | None = None) -> None:
-        missing = [k for k in expected if k not in self.entries]
+        missing = [k for k in expected if k not in self.entries and k not in self.rejected]
         if missing:
             raise KalieFormatError(f"{self.root}: {len(missing)} planned entries were not written: {missing[:5]}")
         self.write_index()
