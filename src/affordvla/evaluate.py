@@ -100,10 +100,10 @@ def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None 
                          answers_file: str | Path | None = None, mode: str = "compat",
                          max_new_tokens: int = 128) -> tuple[dict[str, Any], list[dict]]:
     """Score recorded answers, or generate them with the model first (answers are returned for saving)."""
-    from PIL import Image
-
     from affordvla.data.robopoint import read_where2place
+    from affordvla.evaluation.benchmark_callbacks import answer_where2place
     from affordvla.evaluation.where2place import score_where2place
+    from affordvla.heads.keypoint_text import KeypointTextHead
 
     questions = read_where2place(data_root)
     if answers_file is not None:
@@ -111,12 +111,7 @@ def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None 
         answers = [json.loads(line) for line in lines if line.strip()]
     elif model_dir is not None:
         backbone = load_model(model_dir)
-        answers = []
-        for question in questions:
-            with Image.open(question.image_path) as im:
-                pixels = backbone.preprocess_images([np.asarray(im.convert("RGB"))])
-            (text,) = backbone.generate(pixels, [question.text], max_new_tokens=max_new_tokens)
-            answers.append({"question_id": question.question_id, "text": text})
+        answers = answer_where2place(backbone, KeypointTextHead(codec="robopoint"), questions, max_new_tokens)
     else:
         raise ValueError("where2place needs --model (generate answers) or --answers (score recorded ones)")
     result = score_where2place(questions, answers, mode=mode)

@@ -24,6 +24,25 @@ from affordvla.callbacks import log_artifact
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def answer_where2place(backbone, head, questions, max_new_tokens: int, batch_size: int = 8,
+                       device: torch.device | str = "cpu") -> list[dict]:
+    """The head's greedy answers (its own decoding, constrained when it is) to Where2Place questions, in file
+    order, each with its question_id and category: what `affordvla-eval where2place` and the callback score."""
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start : start + batch_size]
+        images = []
+        for question in batch:
+            with Image.open(question.image_path) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        pixels = backbone.preprocess_images(images).to(device)
+        texts = head.answer(backbone, pixels, [q.text for q in batch], max_new_tokens)
+        answers.extend({"question_id": q.question_id, "text": t, "category": q.category}
+                       for q, t in zip(batch, texts))
+    return answers
+
+
 class Where2PlaceCallback(L.Callback):
     def __init__(self, root: str, output_dir: str, mode: str = "compat", batch_size: int = 8,
                  max_new_tokens: int | None = None, metric_prefix: str = "test/where2place"):
@@ -57,21 +76,10 @@ class Where2PlaceCallback(L.Callback):
         max_new_tokens = self._max_new_tokens(head)
         was_training = backbone.training
         backbone.eval()
-        answers = []
         try:
-            for start in range(0, len(questions), self.batch_size):
-                batch = questions[start : start + self.batch_size]
-                images = []
-                for question in batch:
-                    with Image.open(question.image_path) as im:
-                        images.append(np.asarray(im.convert("RGB")))
-                pixels = backbone.preprocess_images(images).to(module.device)
-                texts = head.answer(backbone, pixels, [q.text for q in batch], max_new_tokens)
-                answers.extend({"question_id": q.question_id, "text": t, "category": q.category}
-                               for q, t in zip(batch, texts))
+            return answer_where2place(backbone, head, questions, max_new_tokens, self.batch_size, module.device)
         finally:
             backbone.train(was_training)
-        return answers
 
     def score(self, answers: list[dict], head) -> dict[str, float]:
         from affordvla.data.robopoint import read_where2place
