@@ -19,11 +19,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A tiny PaliGemma with a few steps of the dense pointing stage (fast; learning is tested elsewhere)."""
-    from affordvla.backbones.paligemma.pretrain import build_pointing_paligemma
+    from affordvla.backbones.pointing import build_pointing_backbone
 
     out = tmp_path_factory.mktemp("backbones") / "paligemma-tiny"
-    return build_pointing_paligemma(out, steps=3, corpus_size=16, eval_size=4, batch_size=4, scene_size=64,
+    return build_pointing_backbone(out, steps=3, corpus_size=16, eval_size=4, batch_size=4, scene_size=64,
                                     image_size=32, patch_size=8)
+
+
+# A tiny backbone config's pointing pre-training shrunk to a few steps on a few scenes (learning is tested elsewhere).
+FAST_POINTING_BUILD = ["backbone.build.steps=3", "backbone.build.corpus_size=16", "backbone.build.eval_size=4",
+                       "backbone.build.batch_size=4", "backbone.build.scene_size=64", "backbone.build.eval_every=0"]
 
 
 def compose_train(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:

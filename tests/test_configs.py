@@ -92,3 +92,15 @@ def test_config_hash_ignores_where_a_run_writes_but_not_what_it_computes(tmp_pat
     assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "+callbacks.benchmark={_target_: x.Y}"]))
     assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "module.optimizer.lr=1e-4"]))
     assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "backbone=llava_tiny"]))
+
+
+@pytest.mark.parametrize("backbone, family, codec", [
+    ("paligemma_tiny", "paligemma", "paligemma_loc"), ("paligemma2_tiny", "paligemma", "paligemma_loc"),
+    ("llava_tiny", "llava", "robopoint"), ("cogvlm_tiny", "cogvlm", "kalie_json")])
+def test_one_override_switches_the_backbone_and_its_answer_format(backbone, family, codec):
+    cfg = _compose([f"backbone={backbone}"])
+    assert cfg.head.codec == codec  # each family answers in its anchor project's format
+    build = cfg.backbone.build  # every tiny family is pre-trained by the same pointing stage
+    assert build._target_ == "affordvla.backbones.pointing.build_pointing_backbone" and build.family == family
+    assert f"pointing{build.steps}" in cfg.backbone.pretrained  # a changed recipe builds a new checkpoint
+    assert _compose([f"backbone={backbone}", "head.codec=kalie_json"]).head.codec == "kalie_json"

@@ -272,6 +272,24 @@ def test_constrained_generation_always_parses(tiny_models, family, codec):
 def test_head_config_decodes_constrained_and_the_class_default_is_free():
     cfg = OmegaConf.load(CONFIG_DIR / "head" / "keypoint_text.yaml")
     assert cfg.constrained is True  # the configured head: every answer parses
+    assert OmegaConf.to_container(cfg)["codec"] == "${backbone.keypoint_codec}"  # the backbone's own format
+    cfg.codec = "paligemma_loc"
     head = KeypointTextHead(**{k: v for k, v in cfg.items() if k != "_target_"})
     assert head.constrained is True
     assert KeypointTextHead().constrained is False  # plain generation unless asked
+
+
+def test_fixed_count_data_makes_robopoint_answers_exactly_that_long():
+    head = KeypointTextHead(codec="robopoint", constrained=True)
+    head.match_point_count(5)  # KALIE data: five points per answer
+    assert head.codec.num_points == 5
+    automaton = codec_automaton(head.codec)
+    assert automaton.accepts(head.codec.encode(np.full((5, 2), 0.25)))
+    assert not automaton.accepts(head.codec.encode(np.full((1, 2), 0.25)))
+    assert not automaton.is_prefix(head.codec.encode(np.full((6, 2), 0.25)))
+    explicit = KeypointTextHead(codec="robopoint", codec_kwargs={"num_points": 2})
+    explicit.match_point_count(5)  # a count the user configured stays
+    assert explicit.codec.num_points == 2
+    variable = KeypointTextHead(codec="robopoint")
+    variable.match_point_count(None)  # RoboPoint VQA: counts vary
+    assert variable.codec.num_points is None

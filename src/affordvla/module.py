@@ -102,6 +102,8 @@ class AffordVLAModule(L.LightningModule):
                 datamodule.collate = self.make_collate()
             datamodule.setup(stage)
             self.mean_keypoints = datamodule.train_keypoint_mean()
+            if isinstance(self.head, KeypointTextHead):
+                self.head.match_point_count(datamodule.points_per_sample)
             self.dataset_metadata = datamodule.metadata()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -141,6 +141,11 @@ class VLMBackbone(nn.Module, abc.ABC):
     def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
         """Greedy continuation of each prompt, decoded with special tokens kept (answers may be made of them)."""
 
+    @abc.abstractmethod
+    def vision_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, patches, vision width): what the projector reads, one row per patch in row-major order (no CLS).
+        The dense pointing stage (backbones/pointing.py) trains the vision tower on these."""
+
     # --- embedding level (policy heads splice learnable tokens into the sequence) ---------------------------
     # The defaults follow transformers' multimodal layout (`model.model.get_image_features`,
     # `model.model.language_model`, `model.lm_head`, `config.image_token_id`), shared by PaliGemma and Llava;

@@ -28,13 +28,14 @@ FAMILIES: dict[str, type[VLMBackbone]] = {"paligemma": PaliGemmaBackbone, "llava
 def load_backbone(family: str, pretrained: str, build: Callable[[Path], Path] | None = None,
                   dtype: str = "float32", lora: dict | None = None, adapter: str | None = None,
                   gradient_checkpointing: bool = False, quantization: str | None = None,
-                  **kwargs) -> VLMBackbone:
+                  keypoint_codec: str | None = None, **kwargs) -> VLMBackbone:
     """`pretrained` is a local checkpoint directory. When it does not exist and `build` is given (offline tiny
     variants), `build(pretrained)` writes it first; later runs reuse it.
 
     Fine-tuning controls: `lora` (LoraSettings fields) injects adapters, `adapter` loads an exported unmerged
     adapter on top of the base, `gradient_checkpointing` trades compute for memory, `quantization` ("4bit" /
-    "8bit") loads the weights through bitsandbytes on a GPU."""
+    "8bit") loads the weights through bitsandbytes on a GPU. `keypoint_codec` names the family's own answer format
+    for points (the keypoint-text head's default codec); it is configuration, not something the weights hold."""
     if family not in FAMILIES:
         raise ValueError(f"unknown backbone family {family!r}; valid: {sorted(FAMILIES)}")
     path = Path(pretrained)

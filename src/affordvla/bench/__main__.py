@@ -15,36 +15,60 @@ from affordvla.bench.results import RESULTS, merge_results
 log = logging.getLogger("affordvla.bench")
 
 
-def bench_default() -> dict[str, float]:
-    """The embedded default exactly as `make train` runs it on a fresh clone: the tiny checkpoint is built into
-    an empty folder, so its pre-training counts in the time (task_name keeps the runs apart)."""
+def _fresh_default_run(task_name: str, overrides: list[str] = ()) -> tuple[dict[str, float], float]:
+    """The embedded default (plus `overrides`) exactly as `make train` runs it on a fresh clone: the tiny
+    checkpoint is built into an empty folder, so its pre-training counts in the time. Test metrics and wall
+    seconds."""
     import tempfile
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="affordvla-bench-artifacts-") as artifacts:
-        subprocess.run([sys.executable, "-m", "affordvla.train", "task_name=bench_default",
-                        f"paths.artifacts_dir={artifacts}"], check=True)
+        subprocess.run([sys.executable, "-m", "affordvla.train", f"task_name={task_name}",
+                        f"paths.artifacts_dir={artifacts}", *overrides], check=True)
     wall = time.perf_counter() - started
-    runs = sorted(Path("outputs/runs/bench_default").glob("*/metrics.json"))
-    metrics = json.loads(runs[-1].read_text())
+    runs = sorted(Path(f"outputs/runs/{task_name}").glob("*/metrics.json"))
+    return json.loads(runs[-1].read_text()), wall
+
+
+def _keypoint_figures(prefix: str, metrics: dict[str, float], wall: float) -> dict[str, float]:
     return {
-        "default.keypoint_error": metrics["test/keypoint_error"],
-        "default.mean_baseline_error": metrics["test/mean_baseline_error"],
-        "default.error_ratio_to_baseline": metrics["test/keypoint_error"] / metrics["test/mean_baseline_error"],
-        "default.parse_failure_rate": metrics["test/parse_failure_rate"],
-        "default.kalie_avg_mse": metrics["test/kalie_avg_mse"],
-        "default.train_seconds": metrics["train_seconds"],
-        "default.wall_seconds": wall,
+        f"{prefix}.keypoint_error": metrics["test/keypoint_error"],
+        f"{prefix}.mean_baseline_error": metrics["test/mean_baseline_error"],
+        f"{prefix}.error_ratio_to_baseline": metrics["test/keypoint_error"] / metrics["test/mean_baseline_error"],
+        f"{prefix}.parse_failure_rate": metrics["test/parse_failure_rate"],
+        f"{prefix}.kalie_avg_mse": metrics["test/kalie_avg_mse"],
+        f"{prefix}.train_seconds": metrics["train_seconds"],
+        f"{prefix}.wall_seconds": wall,
     }
 
 
+def bench_default() -> dict[str, float]:
+    """`make train` as on a fresh clone. The default backbone is the tiny PaliGemma, so its figures are also
+    `backbone.paligemma.*` (the per-backbone comparison of bench_backbone_learning)."""
+    metrics, wall = _fresh_default_run("bench_default")
+    figures = _keypoint_figures("default", metrics, wall)
+    figures["backbone.paligemma.keypoint_error"] = figures["default.keypoint_error"]
+    figures["backbone.paligemma.error_ratio_to_baseline"] = figures["default.error_ratio_to_baseline"]
+    return figures
+
+
+def bench_backbone_learning() -> dict[str, float]:
+    """The embedded default switched to each other backbone family by one override (each pre-trained by the same
+    pointing stage, answering in its own format), from a fresh build like `make train`."""
+    figures = {}
+    for family in ("llava", "cogvlm"):
+        metrics, wall = _fresh_default_run(f"bench_backbone_{family}", [f"backbone={family}_tiny"])
+        figures.update(_keypoint_figures(f"backbone.{family}", metrics, wall))
+    return figures
+
+
 def bench_train_step() -> dict[str, float]:
-    from affordvla.backbones.paligemma.pretrain import build_pointing_paligemma
+    from affordvla.backbones.pointing import build_pointing_backbone
     from affordvla.bench import train_step
 
     backbone = Path("outputs/bench/work/paligemma-tiny-timing")
     if not (backbone / "config.json").exists():  # weights do not matter for timing: skip the pre-training
-        build_pointing_paligemma(backbone, steps=1, corpus_size=8, eval_size=2, batch_size=2)
+        build_pointing_backbone(backbone, steps=1, corpus_size=8, eval_size=2, batch_size=2)
     return train_step.run(backbone)
 
 
@@ -73,7 +97,8 @@ def bench_backbones() -> dict[str, float]:
 
 
 BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data,
-              "synthesis": bench_synthesis, "heads": bench_heads, "backbones": bench_backbones}
+              "synthesis": bench_synthesis, "heads": bench_heads, "backbones": bench_backbones,
+              "backbone_learning": bench_backbone_learning}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from affordvla.data.kalie import (
     read_kalie_index,
 )
 from affordvla.data.kalie_augment import KalieAugmentation, centre_crop
-from affordvla.data.sample import KeypointSample
+from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.data.sampling import StepResumableSampler
 from affordvla.data.toy_kalie import SPLITS_FILE, ensure_toy_kalie
 
@@ -77,6 +77,8 @@ class KeypointDataset(Dataset):
 
 
 class KeypointDataModule(L.LightningDataModule, abc.ABC):
+    # How many points every answer has (None: it varies per sample, as in RoboPoint's VQA)
+    points_per_sample: int | None = None
     """What every keypoint datamodule shares: `splits` of KeypointDatasets, the collate the module provides, the
     step-resumable training sampler, evaluation loaders and the optional HDF5 sample cache. Subclasses build
     `splits` in `setup` and define `train_keypoint_mean` (the mean baseline the evaluator scores)."""
@@ -153,6 +155,7 @@ class KeypointDataModule(L.LightningDataModule, abc.ABC):
 
 
 class KalieDataModule(KeypointDataModule):
+    points_per_sample = len(KALIE_POINT_NAMES)
     def __init__(
         self,
         root: str,

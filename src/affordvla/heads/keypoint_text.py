@@ -61,6 +61,13 @@ class KeypointTextHead(nn.Module):
             self._max_new_tokens = n + 1 + max(2, n // 4)
         return self._max_new_tokens
 
+    def match_point_count(self, count: int | None) -> None:
+        """On fixed-count data (KALIE: 5 points) a variable-count codec (RoboPoint's tuple lists) writes and
+        reads exactly `count` points, so every answer is scored point by point and decoding stops there."""
+        if count is not None and not self.codec.fixed_count and getattr(self.codec, "num_points", None) is None:
+            self.codec.num_points = count
+            self._constraint = None
+
     # --- loss ---------------------------------------------------------------------------------------------
     def bind(self, backbone: VLMBackbone) -> None:
         """Look up the location-token ids once (they are contiguous in PaliGemma's vocabulary)."""

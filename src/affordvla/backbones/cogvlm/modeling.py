@@ -614,6 +614,11 @@ class CogVLMBackbone(VLMBackbone):
         return self.model.lm_head(hidden)
 
     # --- generation -------------------------------------------------------------------------------------------
+    def vision_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vision = self.model.model.vision
+        hidden = vision.transformer(vision.patch_embedding(pixel_values.to(self.model.dtype)))
+        return hidden[:, 1:]  # what the GLU adapter reads (EVA2CLIPModel.forward)
+
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
         """Greedy decoding with a key/value cache; each answer ends at the first EOS. `logits_processor` (a list of

@@ -111,6 +111,15 @@ class LlavaBackbone(VLMBackbone):
                           attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
                           logits_to_keep=logits_to_keep, use_cache=False)
 
+    def vision_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The layer(s) `vision_feature_layer` names, concatenated as the projector reads them, CLS row dropped."""
+        config = self.model.config
+        hidden = self.model.model.vision_tower(pixel_values=pixel_values.to(self.model.dtype),
+                                               output_hidden_states=True).hidden_states
+        layers = [config.vision_feature_layer] if isinstance(config.vision_feature_layer, int) \
+            else config.vision_feature_layer
+        return torch.cat([hidden[layer][:, 1:] for layer in layers], dim=-1)
+
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
         inputs = self.build_inputs(prompts)

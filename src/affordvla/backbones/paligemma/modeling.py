@@ -100,6 +100,9 @@ class PaliGemmaBackbone(VLMBackbone):
             use_cache=False,
         )
 
+    def vision_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.model.vision_tower(pixel_values=pixel_values.to(self.model.dtype)).last_hidden_state
+
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
         inputs = self.build_inputs(prompts)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    Gemma2Config,
     GemmaConfig,
     GemmaTokenizer,
     PaliGemmaConfig,
@@ -81,7 +82,11 @@ def tiny_config(
     heads: int = 4,
     kv_heads: int = 1,
     intermediate_size: int = 512,
+    text_model: str = "gemma",
 ) -> PaliGemmaConfig:
+    """PaliGemma's layout at tiny size. `text_model="gemma2"` gives PaliGemma 2: a Gemma 2 decoder with its
+    logit soft-capping, query scaling and alternating sliding-window / global layers (window as in the real
+    checkpoints, longer than any tiny sequence)."""
     vision = SiglipVisionConfig(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -92,7 +97,7 @@ def tiny_config(
         projection_dim=hidden_size,
         vision_use_head=False,
     )
-    text = GemmaConfig(
+    text_kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -102,6 +107,13 @@ def tiny_config(
         head_dim=hidden_size // heads,
         max_position_embeddings=1024,
     )
+    if text_model == "gemma":
+        text = GemmaConfig(**text_kwargs)
+    elif text_model == "gemma2":
+        text = Gemma2Config(**text_kwargs, sliding_window=4096, query_pre_attn_scalar=hidden_size // heads,
+                            final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    else:
+        raise ValueError(f"unknown PaliGemma text model {text_model!r}; valid: gemma (PaliGemma), gemma2 (PaliGemma 2)")
     config = PaliGemmaConfig(
         vision_config=vision,
         text_config=text,

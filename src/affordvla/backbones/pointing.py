@@ -1,12 +1,13 @@
-"""Dense pointing pre-training that turns a freshly initialised tiny PaliGemma into a 'pretrained' one.
+"""Dense pointing pre-training that turns a freshly initialised tiny VLM (any family) into a 'pretrained' one.
 
 A tiny transformer trained from scratch does not discover, through attention pooling, which few patches of an
 image hold the answer (shared/notes/tiny-vlm-localization.md). A dense per-patch objective teaches the vision
-tower where things are within a minute. This stage trains the SigLIP tower on procedural tabletop scenes (a seed
-stream disjoint from every dataset split) to predict, for every patch: which object it shows (segmentation), which
-patch holds each kind of keypoint and where inside that patch (a heatmap, plus each patch's vote for where every keypoint lies relative to it). The
-temporary dense head is discarded; the checkpoint keeps PaliGemma's exact layout. The stage is an MLflow run of
-its own, so the "pretrained" checkpoint is as traceable as any fine-tuning run.
+tower where things are within a minute. This stage trains the vision tower of a tiny PaliGemma, LLaVA or CogVLM
+on procedural tabletop scenes (a seed stream disjoint from every dataset split) to predict, for every patch of the
+features its projector reads (`VLMBackbone.vision_patch_features`): which object it shows (segmentation), which
+patch holds each kind of keypoint and where (a heatmap, plus each patch's vote for where every keypoint lies
+relative to it). The temporary dense head is discarded; the checkpoint keeps the family's exact layout. The stage
+is an MLflow run of its own, so the "pretrained" checkpoint is as traceable as any fine-tuning run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from affordvla.backbones.paligemma.tiny import write_tiny_paligemma
 from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.tabletop import Scene, make_scenes
 
@@ -113,11 +113,10 @@ class DensePointingHead(nn.Module):
         return torch.einsum("bkp,bpkc->bkc", weights, voted)
 
 
-def _pixels(scenes: list[Scene], size: int) -> torch.Tensor:
-    """Same preprocessing as the tiny processor (bicubic resize, mean/std 0.5), batched in torch."""
-    images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes]).float() / 255
-    images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return (images.clamp(0, 1) - 0.5) / 0.5
+def _pixels(backbone, scenes: list[Scene], chunk: int = 512) -> torch.Tensor:
+    """The scenes through the backbone's own image processor (as fine-tuning will see them)."""
+    return torch.cat([backbone.preprocess_images([s.image for s in scenes[i : i + chunk]])
+                      for i in range(0, len(scenes), chunk)])
 
 
 def object_centres(scene: Scene) -> dict[str, np.ndarray]:
@@ -130,18 +129,19 @@ def object_centres(scene: Scene) -> dict[str, np.ndarray]:
     return centres
 
 
-def _text_pointing_stage(model, processor, train: list[Scene], held_out: list[Scene], pixels: torch.Tensor,
+def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pixels: torch.Tensor,
                          eval_pixels: torch.Tensor, *, steps: int, batch_size: int, lr: float, tower_lr: float,
                          seed: int) -> tuple[list[dict], float]:
-    """Teach the whole VLM to answer 'point to the <object>' with the object's centre as `<locY><locX>`.
+    """Teach the whole VLM to answer 'point to the <object>' with the object's centre, in the family's own answer
+    format (PaliGemma `<locY><locX>`, LLaVA/RoboPoint `[(x, y)]`, CogVLM/KALIE JSON).
 
-    This is the generic referring/pointing skill a real PaliGemma brings from pre-training; the KALIE keypoints
+    This is the generic referring/pointing skill a real VLM brings from pre-training; the KALIE keypoints
     themselves (task-specific contact points and waypoints) are left for fine-tuning."""
-    from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
-    from affordvla.heads.codecs import PaliGemmaLocCodec
+    from affordvla.heads.codecs import make_codec
 
-    backbone = PaliGemmaBackbone(model, processor, "pretraining", prefix_lm=False)
-    codec = PaliGemmaLocCodec(point_names=("point",))
+    codec = make_codec(NATIVE_CODECS[backbone.family], point_names=("point",))
+    if hasattr(backbone, "prefix_lm"):
+        backbone.prefix_lm = False  # causal, as the tiny PaliGemma is fine-tuned (paligemma_tiny.yaml)
     rng = np.random.default_rng(seed)
 
     def queries(scenes: list[Scene]) -> list[tuple[str, np.ndarray]]:
@@ -152,16 +152,12 @@ def _text_pointing_stage(model, processor, train: list[Scene], held_out: list[Sc
             out.append((f"point to the {name}", centres[name]))
         return out
 
-    tower_params = list(model.model.vision_tower.parameters())
-    tower_ids = {id(p) for p in tower_params}
-    other_params = [p for p in model.parameters() if id(p) not in tower_ids]
-    optimizer = torch.optim.AdamW([{"params": other_params, "lr": lr}, {"params": tower_params, "lr": tower_lr}],
-                                  weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    parts = backbone.parameter_parts()
+    optimizer = torch.optim.AdamW([{"params": parts["projector"] + parts["language_model"], "lr": lr},
+                                   {"params": parts["vision_tower"], "lr": tower_lr}], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 20)))
     history = []
-    model.train()
+    backbone.train()
     for step in tqdm(range(steps), desc="text pointing pre-training", unit="step"):
         rows = rng.integers(0, len(train), batch_size)
         asked = queries([train[r] for r in rows])
@@ -171,14 +167,15 @@ def _text_pointing_stage(model, processor, train: list[Scene], held_out: list[Sc
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == steps - 1:
             history.append({"step": step, "text_loss": loss.item()})
-    model.eval()
+    backbone.eval()
     asked = queries(held_out)
-    answers = backbone.generate(eval_pixels, [q for q, _ in asked], max_new_tokens=3)
+    budget = len(backbone.tokenizer(codec.encode(asked[0][1][None]), add_special_tokens=False)["input_ids"]) + 4
+    answers = backbone.generate(eval_pixels, [q for q, _ in asked], max_new_tokens=budget)
     errors = []
     for answer, (_, centre) in zip(answers, asked):
         decoded = codec.try_decode(answer)
@@ -186,9 +183,31 @@ def _text_pointing_stage(model, processor, train: list[Scene], held_out: list[Sc
     return history, float(np.mean(errors))
 
 
-def build_pointing_paligemma(
+def _warmup_cosine(steps: int, warmup: int):
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
+def _tiny_writer(family: str):
+    """The family's offline tiny checkpoint writer (imported on use: each pulls in its own model classes)."""
+    if family == "paligemma":
+        from affordvla.backbones.paligemma.tiny import write_tiny_paligemma as writer
+    elif family == "llava":
+        from affordvla.backbones.llava.tiny import write_tiny_llava as writer
+    elif family == "cogvlm":
+        from affordvla.backbones.cogvlm.tiny import write_tiny_cogvlm as writer
+    else:
+        raise ValueError(f"no tiny {family!r} checkpoint; valid families: {sorted(NATIVE_CODECS)}")
+    return writer
+
+
+# Each family's answer format for points, as its anchor project writes them (and the text stage trains).
+NATIVE_CODECS = {"paligemma": "paligemma_loc", "llava": "robopoint", "cogvlm": "kalie_json"}
+
+
+def build_pointing_backbone(
     out_dir: str | Path,
     *,
+    family: str = "paligemma",
     steps: int = 1500,
     corpus_size: int = 4000,
     eval_size: int = 200,
@@ -204,49 +223,47 @@ def build_pointing_paligemma(
     task_conditioned: bool = True,
     **tiny_config,
 ) -> Path:
-    """Write the tiny checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision tower,
-    then `text_steps` of 'point to the <object>' training of the whole VLM."""
-    from transformers import PaliGemmaForConditionalGeneration
+    """Write a tiny `family` checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision
+    tower, then `text_steps` of 'point to the <object>' training of the whole VLM. `tiny_config` goes to the
+    family's writer (image and patch size, widths, layers, ...)."""
+    from affordvla.backbones.factory import FAMILIES
 
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".building")
-    write_tiny_paligemma(staging, seed=seed, **tiny_config)
-    model = PaliGemmaForConditionalGeneration.from_pretrained(staging)
-    tower = model.model.vision_tower
-    vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
+    _tiny_writer(family)(staging, seed=seed, **tiny_config)
+    backbone = FAMILIES[family].from_pretrained(staging)
 
     torch.manual_seed(seed)
     corpus = list(tqdm(make_scenes(PRETRAIN_SEED + seed, corpus_size + eval_size, scene_size),
                        total=corpus_size + eval_size, desc="pre-training scenes", unit="scene"))
     train, held_out = corpus[:corpus_size], corpus[corpus_size:]
-    pixels, targets = _pixels(train, vision.image_size), dense_targets(train, grid)
-    eval_pixels = _pixels(held_out, vision.image_size)
+    pixels, eval_pixels = _pixels(backbone, train), _pixels(backbone, held_out)
+    with torch.no_grad():
+        patches, width = backbone.vision_patch_features(pixels[:1]).shape[1:]
+    grid = math.isqrt(patches)
+    targets = dense_targets(train, grid)
     eval_truth = np.stack([s.keypoints for s in held_out])
     eval_task = torch.tensor([TASK_NAMES.index(s.task) for s in held_out])
 
-    head = DensePointingHead(vision.hidden_size, eval_truth.shape[1], grid,
-                             num_tasks=len(TASK_NAMES) if task_conditioned else 1)
-    params = list(tower.parameters()) + list(head.parameters())
+    head = DensePointingHead(width, eval_truth.shape[1], grid, num_tasks=len(TASK_NAMES) if task_conditioned else 1)
+    params = backbone.parameter_parts()["vision_tower"] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 40)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 40)))
     generator = torch.Generator().manual_seed(seed)
     history = []
     started = time.perf_counter()
 
     def held_out_error() -> float:
-        tower.eval()
+        backbone.eval()
         with torch.no_grad():
-            predicted = head.predict(tower(eval_pixels).last_hidden_state, eval_task).numpy()
-        tower.train()
+            predicted = head.predict(backbone.vision_patch_features(eval_pixels), eval_task).numpy()
+        backbone.train()
         return float(np.linalg.norm(predicted - eval_truth, axis=-1).mean())
 
-    tower.train()
+    backbone.train()
     for step in tqdm(range(steps), desc="dense pointing pre-training", unit="step"):
         rows = torch.randint(0, len(train), (batch_size,), generator=generator)
-        losses = head.losses(tower(pixels[rows]).last_hidden_state, targets[rows])
+        losses = head.losses(backbone.vision_patch_features(pixels[rows]), targets[rows])
         loss = losses["heatmap"] + 10.0 * losses["vote"] + losses["segmentation"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,37 +277,35 @@ def build_pointing_paligemma(
             log.info("dense pointing pre-training: held-out keypoint error %.4f at step %d",
                      history[-1]["held_out_keypoint_error"], step + 1)
     dense_error = held_out_error()
-    tower.eval()
+    backbone.eval()
     seconds = time.perf_counter() - started
     log.info("dense pointing pre-training: held-out keypoint error %.4f after %d steps (%.0f s)",
              dense_error, steps, seconds)
     text_error = None
     if text_steps > 0:
-        from transformers import AutoProcessor
-
         text_history, text_error = _text_pointing_stage(
-            model, AutoProcessor.from_pretrained(staging), train, held_out, pixels, eval_pixels, steps=text_steps,
-            batch_size=batch_size, lr=text_lr, tower_lr=text_tower_lr, seed=seed)
+            backbone, train, held_out, pixels, eval_pixels, steps=text_steps, batch_size=batch_size, lr=text_lr,
+            tower_lr=text_tower_lr, seed=seed)
         history += [{**row, "step": steps + row["step"]} for row in text_history]
         seconds = time.perf_counter() - started
         log.info("text pointing pre-training: held-out object-centre error %.4f after %d steps (%.0f s total)",
                  text_error, text_steps, seconds)
 
-    model.save_pretrained(staging)
+    backbone.model.save_pretrained(staging)  # the writer already saved the tokenizer and processor files
     if out_dir.exists():
         import shutil
 
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     if tracking_uri:
-        _record_run(tracking_uri, out_dir, history, dense_error, text_error, seconds,
-                    {"steps": steps, "corpus_size": corpus_size, "batch_size": batch_size, "lr": lr, "seed": seed,
-                     "text_steps": text_steps, "text_lr": text_lr, "task_conditioned": task_conditioned,
-                     **tiny_config})
+        _record_run(tracking_uri, family, out_dir, history, dense_error, text_error, seconds,
+                    {"family": family, "steps": steps, "corpus_size": corpus_size, "batch_size": batch_size, "lr": lr,
+                     "seed": seed, "text_steps": text_steps, "text_lr": text_lr,
+                     "task_conditioned": task_conditioned, **tiny_config})
     return out_dir
 
 
-def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_error: float,
+def _record_run(tracking_uri: str, family: str, out_dir: Path, history: list[dict], dense_error: float,
                 text_error: float | None, seconds: float, params: dict) -> None:
     from mlflow import MlflowClient
 
@@ -298,8 +313,8 @@ def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_err
 
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, "affordvla-pretrain")
-    run = client.create_run(experiment_id, run_name=f"tiny-paligemma-pointing-{out_dir.name}",
-                            tags={"backbone": "paligemma_tiny", "stage": "dense_pointing_pretraining",
+    run = client.create_run(experiment_id, run_name=f"tiny-{family}-pointing-{out_dir.name}",
+                            tags={"backbone": f"{family}_tiny", "stage": "dense_pointing_pretraining",
                                   "checkpoint": str(out_dir)})
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
@@ -316,12 +331,13 @@ def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], dense_err
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m affordvla.backbones.paligemma.pretrain OUT [--steps N ...]`: (re)build a pre-trained tiny
-    PaliGemma checkpoint directory, e.g. the one shipped in artifacts/."""
+    """`python -m affordvla.backbones.pointing OUT [--family F --steps N ...]`: (re)build a pre-trained tiny
+    checkpoint directory of one family, e.g. a longer pre-training than `make train` runs."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("out", help="checkpoint directory to write")
+    parser.add_argument("--family", default="paligemma", choices=sorted(NATIVE_CODECS))
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--corpus-size", type=int, default=20000)
     parser.add_argument("--text-steps", type=int, default=0)
@@ -333,8 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    build_pointing_paligemma(args.out, steps=args.steps, corpus_size=args.corpus_size, text_steps=args.text_steps,
-                             eval_every=args.eval_every, seed=args.seed, tracking_uri=args.tracking_uri)
+    build_pointing_backbone(args.out, family=args.family, steps=args.steps, corpus_size=args.corpus_size,
+                            text_steps=args.text_steps, eval_every=args.eval_every, seed=args.seed,
+                            tracking_uri=args.tracking_uri)
 
 
 if __name__ == "__main__":
