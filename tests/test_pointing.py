@@ -17,12 +17,7 @@ SMALL = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "vision_layers": 
          "intermediate_size": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image_tokens(backbone, pixels: torch.Tensor) -> torch.Tensor:
@@ -72,3 +67,21 @@ def test_pointing_stage_trains_the_tower_only_and_lowers_its_losses(family, tmp_
     assert history["vote"][-1] < 0.5 * history["vote"][0], history
     assert history["heatmap"][-1] < math.log(16), history  # below a uniform guess over the 16 patches
     assert 0 < run.data.metrics["pretrain/held_out_keypoint_error"] < 1.5
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_text_pointing_stage_trains_the_whole_model_in_its_own_answer_format(family, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    built = build_pointing_backbone(tmp_path / "pointed", family=family, steps=2, text_steps=4, corpus_size=16,
+                                    eval_size=4, batch_size=4, scene_size=32, tracking_uri=uri, **SMALL)
+    fresh = dict(FAMILIES[family].from_pretrained(_tiny_writer(family)(tmp_path / "fresh", **SMALL))
+                 .model.named_parameters())
+    loaded = FAMILIES[family].from_pretrained(built)
+    language = [n for n, _ in loaded.model.named_parameters() if n.startswith(loaded.part_prefixes["language_model"])]
+    assert any(not torch.equal(fresh[n], dict(loaded.model.named_parameters())[n]) for n in language)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("affordvla-pretrain").experiment_id])
+    assert run.data.params["text_steps"] == "4"
+    # every held-out answer is scored: parsed ones by their distance, the rest at sqrt(2)
+    assert 0 <= run.data.metrics["pretrain/held_out_pointing_error"] <= math.sqrt(2)
+    assert client.get_metric_history(run.info.run_id, "pretrain/text_loss")

@@ -35,14 +35,7 @@ from affordvla.synthesis.prompts import (
 )
 from affordvla.synthesis.tiny_models import CheckpointError, ensure_tiny_models
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared busy cores extra threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -97,16 +97,16 @@ def tiny_config(
         projection_dim=hidden_size,
         vision_use_head=False,
     )
-    text_kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden_size // heads,
-        max_position_embeddings=1024,
-    )
+    text_kwargs = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden_size // heads,
+        "max_position_embeddings": 1024,
+    }
     if text_model == "gemma":
         text = GemmaConfig(**text_kwargs)
     elif text_model == "gemma2":
