@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from affordvla.bench.backbones import LiveTensorMemory, step_peak_mb, write_tiny
+from affordvla.backbones.pointing import tiny_writer
+from affordvla.bench.backbones import LiveTensorMemory, step_peak_mb
 
 
 def test_live_tensor_memory_counts_gradients_and_optimiser_state_exactly():
@@ -22,7 +23,7 @@ def test_live_tensor_memory_counts_gradients_and_optimiser_state_exactly():
 
 
 def test_lora_step_holds_less_memory_than_full_fine_tuning(tmp_path):
-    checkpoint = write_tiny("paligemma", tmp_path / "paligemma")
+    checkpoint = tiny_writer("paligemma")(tmp_path / "paligemma", seed=0)
     full = step_peak_mb("paligemma", checkpoint, lora=False, batch_size=2)
     lora = step_peak_mb("paligemma", checkpoint, lora=True, batch_size=2)
     assert lora["trainable"] < 0.1 * full["trainable"]

@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 from affordvla.backbones.factory import FAMILIES
-from affordvla.backbones.pointing import _tiny_writer, build_pointing_backbone
+from affordvla.backbones.pointing import tiny_writer, build_pointing_backbone
 
 FAMILY_NAMES = sorted(FAMILIES)
 SMALL = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "vision_layers": 2, "text_layers": 1,
@@ -36,7 +36,7 @@ def _projector(backbone):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_patch_features_are_what_the_projector_reads(family, tmp_path):
-    backbone = FAMILIES[family].from_pretrained(_tiny_writer(family)(tmp_path / family, **SMALL)).eval()
+    backbone = FAMILIES[family].from_pretrained(tiny_writer(family)(tmp_path / family, **SMALL)).eval()
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         features = backbone.vision_patch_features(pixels)
@@ -49,7 +49,7 @@ def test_pointing_stage_trains_the_tower_only_and_lowers_its_losses(family, tmp_
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     built = build_pointing_backbone(tmp_path / "pointed", family=family, steps=60, corpus_size=64, eval_size=8,
                                     batch_size=8, lr=3e-3, scene_size=32, tracking_uri=uri, **SMALL)
-    fresh = dict(FAMILIES[family].from_pretrained(_tiny_writer(family)(tmp_path / "fresh", **SMALL))
+    fresh = dict(FAMILIES[family].from_pretrained(tiny_writer(family)(tmp_path / "fresh", **SMALL))
                  .model.named_parameters())
     loaded = FAMILIES[family].from_pretrained(built)
     trained = dict(loaded.model.named_parameters())
@@ -74,7 +74,7 @@ def test_text_pointing_stage_trains_the_whole_model_in_its_own_answer_format(fam
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     built = build_pointing_backbone(tmp_path / "pointed", family=family, steps=2, text_steps=4, corpus_size=16,
                                     eval_size=4, batch_size=4, scene_size=32, tracking_uri=uri, **SMALL)
-    fresh = dict(FAMILIES[family].from_pretrained(_tiny_writer(family)(tmp_path / "fresh", **SMALL))
+    fresh = dict(FAMILIES[family].from_pretrained(tiny_writer(family)(tmp_path / "fresh", **SMALL))
                  .model.named_parameters())
     loaded = FAMILIES[family].from_pretrained(built)
     language = [n for n, _ in loaded.model.named_parameters() if n.startswith(loaded.part_prefixes["language_model"])]

@@ -187,7 +187,7 @@ def _warmup_cosine(steps: int, warmup: int):
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
 
-def _tiny_writer(family: str):
+def tiny_writer(family: str):
     """The family's offline tiny checkpoint writer (imported on use: each pulls in its own model classes)."""
     if family == "paligemma":
         from affordvla.backbones.paligemma.tiny import write_tiny_paligemma as writer
@@ -230,7 +230,7 @@ def build_pointing_backbone(
 
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".building")
-    _tiny_writer(family)(staging, seed=seed, **tiny_config)
+    tiny_writer(family)(staging, seed=seed, **tiny_config)
     backbone = FAMILIES[family].from_pretrained(staging)
 
     torch.manual_seed(seed)

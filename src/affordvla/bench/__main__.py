@@ -52,6 +52,12 @@ def bench_default() -> dict[str, float]:
     return figures
 
 
+def bench_gpu_throughput() -> dict[str, float]:
+    from affordvla.bench import gpu_throughput
+
+    return gpu_throughput.run()
+
+
 def bench_backbone_learning() -> dict[str, float]:
     """The embedded default switched to each other backbone family by one override (each pre-trained by the same
     pointing stage, answering in its own format), from a fresh build like `make train`."""
@@ -98,7 +104,7 @@ def bench_backbones() -> dict[str, float]:
 
 BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data,
               "synthesis": bench_synthesis, "heads": bench_heads, "backbones": bench_backbones,
-              "backbone_learning": bench_backbone_learning}
+              "backbone_learning": bench_backbone_learning, "gpu_throughput": bench_gpu_throughput}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,9 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from affordvla.backbones.pointing import NATIVE_CODECS, tiny_writer
+
 FAMILIES = ("paligemma", "llava", "cogvlm")
-# the codec each tiny tokenizer can write (only the tiny PaliGemma has location tokens)
-CODECS = {"paligemma": "paligemma_loc", "llava": "robopoint", "cogvlm": "kalie_json"}
 LORA = {"rank": 8, "alpha": 16, "dropout": 0.0}
 
 
@@ -59,17 +59,6 @@ class LiveTensorMemory(TorchDispatchMode):
         return out
 
 
-def write_tiny(family: str, out_dir: Path) -> Path:
-    """The family's offline tiny checkpoint at its default (128 px) size, randomly initialised."""
-    if family == "paligemma":
-        from affordvla.backbones.paligemma.tiny import write_tiny_paligemma as write
-    elif family == "llava":
-        from affordvla.backbones.llava.tiny import write_tiny_llava as write
-    else:
-        from affordvla.backbones.cogvlm.tiny import write_tiny_cogvlm as write
-    return write(out_dir, seed=0)
-
-
 def _batch(backbone, head, batch_size: int):
     from affordvla.data.kalie_tasks import TASKS
     from affordvla.data.sample import KeypointSample
@@ -89,7 +78,7 @@ def step_peak_mb(family: str, checkpoint: Path, *, lora: bool, batch_size: int =
     torch.manual_seed(0)
     backbone = load_backbone(family, str(checkpoint), lora=LORA if lora else None)
     backbone.train()
-    head = KeypointTextHead(codec=CODECS[family])
+    head = KeypointTextHead(codec=NATIVE_CODECS[family])
     head.bind(backbone)
     batch = _batch(backbone, head, batch_size)
     trainable = [p for p in backbone.parameters() if p.requires_grad]
@@ -122,7 +111,7 @@ def run(families=FAMILIES) -> dict[str, float]:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="affordvla-bench-backbones-") as work:
         for family in families:
-            checkpoint = write_tiny(family, Path(work) / family)
+            checkpoint = tiny_writer(family)(Path(work) / family, seed=0)  # the 128 px default size
             full = step_peak_mb(family, checkpoint, lora=False)
             lora = step_peak_mb(family, checkpoint, lora=True)
             figures[f"backbone.{family}.full_peak_mb"] = full["peak_mb"]
