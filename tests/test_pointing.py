@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 from affordvla.backbones.factory import FAMILIES
-from affordvla.backbones.pointing import tiny_writer, build_pointing_backbone
+from affordvla.backbones.pointing import build_pointing_backbone, tiny_writer
 
 FAMILY_NAMES = sorted(FAMILIES)
 SMALL = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "vision_layers": 2, "text_layers": 1,
@@ -85,3 +85,15 @@ def test_text_pointing_stage_trains_the_whole_model_in_its_own_answer_format(fam
     # every held-out answer is scored: parsed ones by their distance, the rest at sqrt(2)
     assert 0 <= run.data.metrics["pretrain/held_out_pointing_error"] <= math.sqrt(2)
     assert client.get_metric_history(run.info.run_id, "pretrain/text_loss")
+
+
+def test_command_line_builds_with_the_given_tiny_settings(tmp_path):
+    from affordvla.backbones.pointing import main
+
+    main([str(tmp_path / "cli"), "--family", "paligemma", "--steps", "2", "--corpus-size", "8", "--eval-every", "0",
+          "--tiny", "image_size=32", "--tiny", "patch_size=8", "--tiny", "hidden_size=32", "--tiny", "kv_heads=4",
+          "--threads", "1"])
+    config = FAMILIES["paligemma"].from_pretrained(tmp_path / "cli").model.config
+    assert (config.vision_config.image_size, config.text_config.num_key_value_heads) == (32, 4)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--tiny", "kv_heads"])

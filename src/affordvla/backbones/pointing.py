@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 PRETRAIN_SEED = 10_007  # scene stream of the pre-training corpus; dataset splits use other streams
 OBJECT_NAMES = sorted({name for task in TASKS.values() for name in task.objects})
 TASK_NAMES = sorted(TASKS)
+# Each family's answer format for points, as its anchor project writes them (and the text stage trains).
+NATIVE_CODECS = {"paligemma": "paligemma_loc", "llava": "robopoint", "cogvlm": "kalie_json"}
 
 
 @dataclass
@@ -200,10 +202,6 @@ def tiny_writer(family: str):
     return writer
 
 
-# Each family's answer format for points, as its anchor project writes them (and the text stage trains).
-NATIVE_CODECS = {"paligemma": "paligemma_loc", "llava": "robopoint", "cogvlm": "kalie_json"}
-
-
 def build_pointing_backbone(
     out_dir: str | Path,
     *,
@@ -345,13 +343,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI to record the pre-training run in")
+    parser.add_argument("--tiny", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the family's tiny writer, as the backbone config's build gives it "
+                             "(e.g. --tiny kv_heads=4 for paligemma_tiny.yaml's decoder); repeatable")
     args = parser.parse_args(argv)
+    import yaml
+
+    tiny_config = {}
+    for item in args.tiny:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--tiny expects KEY=VALUE, got {item!r}")
+        tiny_config[key] = yaml.safe_load(value)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     build_pointing_backbone(args.out, family=args.family, steps=args.steps, corpus_size=args.corpus_size,
                             text_steps=args.text_steps, eval_every=args.eval_every, seed=args.seed,
-                            tracking_uri=args.tracking_uri)
+                            tracking_uri=args.tracking_uri, **tiny_config)
 
 
 if __name__ == "__main__":
