@@ -17,14 +17,15 @@ log = logging.getLogger("affordvla.bench")
 
 def _fresh_default_run(task_name: str, overrides: list[str] = ()) -> tuple[dict[str, float], float]:
     """The embedded default (plus `overrides`) exactly as `make train` runs it on a fresh clone: the tiny
-    checkpoint is built into an empty folder, so its pre-training counts in the time. Test metrics and wall
-    seconds."""
+    checkpoint and the generated dataset are written into empty folders, so pre-training and data generation
+    count in the time. Test metrics and wall seconds."""
     import tempfile
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="affordvla-bench-artifacts-") as artifacts:
+    with tempfile.TemporaryDirectory(prefix="affordvla-bench-fresh-") as fresh:
         subprocess.run([sys.executable, "-m", "affordvla.train", f"task_name={task_name}",
-                        f"paths.artifacts_dir={artifacts}", *overrides], check=True)
+                        f"paths.artifacts_dir={fresh}/artifacts", f"paths.data_dir={fresh}/data", *overrides],
+                       check=True)
     wall = time.perf_counter() - started
     runs = sorted(Path(f"outputs/runs/{task_name}").glob("*/metrics.json"))
     return json.loads(runs[-1].read_text()), wall
