@@ -72,10 +72,11 @@ def test_notebook_on_two_backbones(path, tmp_path, smoke_overrides, kernel_env):
     from affordvla.train import train
 
     train(compose_train(smoke_overrides, tmp_path / "paligemma"))
-    llava = [f"paths.root_dir={tmp_path}", "backbone=llava_tiny", "head.codec=robopoint", "head.max_new_tokens=40",
-             "backbone.build.image_size=32", "backbone.build.patch_size=8", "backbone.build.hidden_size=32",
-             "backbone.build.vision_layers=2", "backbone.build.text_layers=2", *FAST_POINTING_BUILD, "debug=smoke",
-             "dataset.generate.image_size=64", "callbacks.progress_bar.refresh_rate=0"]
+    # the tiny LLaVA answers in its own format (RoboPoint tuples, five per KALIE answer); the head sizes the budget
+    llava = [f"paths.root_dir={tmp_path}", "backbone=llava_tiny", "backbone.build.image_size=32",
+             "backbone.build.patch_size=8", "backbone.build.hidden_size=32", "backbone.build.vision_layers=2",
+             "backbone.build.text_layers=2", *FAST_POINTING_BUILD, "debug=smoke", "dataset.generate.image_size=64",
+             "callbacks.progress_bar.refresh_rate=0"]
     train(compose_train(llava, tmp_path / "llava"))
     kernel_env.setenv("AFFORDVLA_MLFLOW_URI", f"sqlite:///{tmp_path}/outputs/mlflow.db")
     notebook = _execute(path)
