@@ -183,13 +183,13 @@ class CalvinWindowDataset(Dataset):
         Reading every frame's npz takes minutes on a real split, so the result is cached as JSON under a hash of
         the split's episode and language index files and the action key, in `cache_dir` (default: the split
         folder). A folder that cannot be written (read-only data) only costs the recomputation."""
-        frames = sorted({f for seg in self.segments for f in range(seg.start, seg.end + 1)})
         digest = hashlib.sha256(self.action_key.encode())
         for index_file in (self.root / "ep_start_end_ids.npy", self.root / LANG_FILE):
             digest.update(index_file.read_bytes() if index_file.is_file() else b"-")
         cache = Path(cache_dir or self.root) / f"affordvla_action_stats_{digest.hexdigest()[:16]}.json"
         if cache.is_file():
             return json.loads(cache.read_text())
+        frames = sorted({f for seg in self.segments for f in range(seg.start, seg.end + 1)})
         values = np.stack([load_frame(self.root, f, (self.action_key,))[self.action_key] for f in frames])
         stats = {"action_key": self.action_key, "count": len(frames),
                  "mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
