@@ -104,3 +104,23 @@ def test_one_override_switches_the_backbone_and_its_answer_format(backbone, fami
     assert build._target_ == "affordvla.backbones.pointing.build_pointing_backbone" and build.family == family
     assert f"pointing{build.steps}" in cfg.backbone.pretrained  # a changed recipe builds a new checkpoint
     assert _compose([f"backbone={backbone}", "head.codec=kalie_json"]).head.codec == "kalie_json"
+
+
+def test_the_default_backbone_recipe_is_shipped_and_matches_its_checkpoint():
+    """`make train` on a fresh clone copies the shipped pre-trained tiny PaliGemma instead of spending 25 minutes
+    building it: this fails when the recipe in paligemma_tiny.yaml changes and nobody rebuilt the checkpoint."""
+    import json
+
+    from affordvla.backbones.pointing import RECORD_FILE, shipped_checkpoint
+
+    cfg = _compose([])
+    build = cfg.backbone.build
+    shipped = shipped_checkpoint(Path(cfg.backbone.pretrained).name)
+    assert shipped is not None and build.use_shipped
+    record = json.loads((shipped / RECORD_FILE).read_text())
+    recipe = {k: v for k, v in OmegaConf.to_container(build).items()
+              if k not in ("_target_", "_partial_", "tracking_uri", "use_shipped", "eval_every")}
+    assert record["params"] == recipe
+    config = json.loads((shipped / "config.json").read_text())
+    assert config["vision_config"]["patch_size"] == build.patch_size
+    assert config["text_config"]["num_key_value_heads"] == build.kv_heads

@@ -12,8 +12,10 @@ is an MLflow run of its own, so the "pretrained" checkpoint is as traceable as a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,15 @@ OBJECT_NAMES = sorted({name for task in TASKS.values() for name in task.objects}
 TASK_NAMES = sorted(TASKS)
 # Each family's answer format for points, as its anchor project writes them (and the text stage trains).
 NATIVE_CODECS = {"paligemma": "paligemma_loc", "llava": "robopoint", "cogvlm": "kalie_json"}
+# Checkpoints this stage built with long recipes (hours of CPU), shipped with the package. A build whose directory
+# name (which records the recipe) matches one of them copies it instead of training.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "checkpoints"
+RECORD_FILE = "pointing_pretraining.json"  # the recipe and figures of the stage, written into the checkpoint
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    path = SHIPPED_DIR / name
+    return path if (path / "config.json").is_file() else None
 
 
 @dataclass
@@ -219,14 +230,23 @@ def build_pointing_backbone(
     text_lr: float = 1e-3,
     text_tower_lr: float = 2e-4,
     task_conditioned: bool = True,
+    use_shipped: bool = True,
     **tiny_config,
 ) -> Path:
     """Write a tiny `family` checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision
-    tower, then `text_steps` of 'point to the <object>' training of the whole VLM. `tiny_config` goes to the
-    family's writer (image and patch size, widths, layers, ...)."""
+    tower, then `text_steps` of 'point to the <object>' training of the language model. `tiny_config` goes to the
+    family's writer (image and patch size, widths, layers, ...). With `use_shipped`, a shipped checkpoint of the
+    same name (the same recipe) is copied instead."""
     from affordvla.backbones.factory import FAMILIES
 
     out_dir = Path(out_dir)
+    if use_shipped and (shipped := shipped_checkpoint(out_dir.name)) is not None:
+        record = json.loads((shipped / RECORD_FILE).read_text())
+        log.info("copying the shipped pre-trained checkpoint %s (built in %.0f s; held-out dense error %.4f, "
+                 "pointing error %s); rebuild it with: %s", shipped.name, record["seconds"], record["dense_error"],
+                 record["text_error"], record["command"])
+        shutil.copytree(shipped, out_dir, dirs_exist_ok=True)
+        return out_dir
     staging = out_dir.with_name(out_dir.name + ".building")
     tiny_writer(family)(staging, seed=seed, **tiny_config)
     backbone = FAMILIES[family].from_pretrained(staging)
@@ -290,17 +310,31 @@ def build_pointing_backbone(
                  text_error, text_steps, seconds)
 
     backbone.model.save_pretrained(staging)  # the writer already saved the tokenizer and processor files
+    params = {"family": family, "steps": steps, "corpus_size": corpus_size, "eval_size": eval_size,
+              "scene_size": scene_size, "batch_size": batch_size, "lr": lr, "seed": seed, "text_steps": text_steps, "text_lr": text_lr, "text_tower_lr": text_tower_lr,
+              "task_conditioned": task_conditioned, **tiny_config}
+    (staging / RECORD_FILE).write_text(json.dumps(
+        {"params": params, "dense_error": dense_error, "text_error": text_error, "seconds": seconds,
+         "command": rebuild_command(out_dir.name, params), "torch": torch.__version__}, indent=2) + "\n")
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     if tracking_uri:
-        _record_run(tracking_uri, family, out_dir, history, dense_error, text_error, seconds,
-                    {"family": family, "steps": steps, "corpus_size": corpus_size, "batch_size": batch_size, "lr": lr,
-                     "seed": seed, "text_steps": text_steps, "text_lr": text_lr,
-                     "task_conditioned": task_conditioned, **tiny_config})
+        _record_run(tracking_uri, family, out_dir, history, dense_error, text_error, seconds, params)
     return out_dir
+
+
+def rebuild_command(name: str, params: dict) -> str:
+    """The CLI line that builds a checkpoint with these settings (for the record shipped inside it)."""
+    def literal(value) -> str:  # as YAML reads it back: 1e-05 needs a dot to be a float there
+        text = repr(value)
+        return text.replace("e", ".0e", 1) if isinstance(value, float) and "e" in text and "." not in text else text
+
+    flags = {"family", "steps", "corpus_size", "text_steps", "seed", "text_tower_lr"}
+    tiny = " ".join(f"--tiny {key}={literal(value)}" for key, value in params.items() if key not in flags)
+    return (f"python -m affordvla.backbones.pointing {name} --family {params['family']} --steps {params['steps']} "
+            f"--corpus-size {params['corpus_size']} --text-steps {params['text_steps']} "
+            f"--text-tower-lr {params['text_tower_lr']} --seed {params['seed']} {tiny}").strip()
 
 
 def _record_run(tracking_uri: str, family: str, out_dir: Path, history: list[dict], dense_error: float,
@@ -339,12 +373,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--corpus-size", type=int, default=20000)
     parser.add_argument("--text-steps", type=int, default=0)
+    parser.add_argument("--text-tower-lr", type=float, default=2e-4,
+                        help="vision tower learning rate in the text stage (0: the tower stays as the dense stage left it)")
     parser.add_argument("--eval-every", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI to record the pre-training run in")
     parser.add_argument("--tiny", action="append", default=[], metavar="KEY=VALUE",
-                        help="a setting of the family's tiny writer, as the backbone config's build gives it "
+                        help="a setting of the family's tiny writer or of the stage, as the backbone config's build gives it "
                              "(e.g. --tiny kv_heads=4 for paligemma_tiny.yaml's decoder); repeatable")
     args = parser.parse_args(argv)
     import yaml
@@ -359,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     build_pointing_backbone(args.out, family=args.family, steps=args.steps, corpus_size=args.corpus_size,
-                            text_steps=args.text_steps, eval_every=args.eval_every, seed=args.seed,
+                            text_steps=args.text_steps, text_tower_lr=args.text_tower_lr,
+                            eval_every=args.eval_every, seed=args.seed,
                             tracking_uri=args.tracking_uri, **tiny_config)
 
 
