@@ -120,7 +120,7 @@ def test_recorded_command_rebuilds_the_checkpoint_bit_for_bit(tmp_path):
 
 
 def test_a_shipped_checkpoint_of_the_same_recipe_is_copied_not_trained(tmp_path, monkeypatch):
-    import affordvla.backbones.pointing as pointing
+    from affordvla.backbones import pointing
 
     shipped = build_pointing_backbone(tmp_path / "shipped" / "recipe-name", family="paligemma", steps=2,
                                       corpus_size=8, eval_size=4, batch_size=4, scene_size=32, **SMALL)

@@ -311,8 +311,8 @@ def build_pointing_backbone(
 
     backbone.model.save_pretrained(staging)  # the writer already saved the tokenizer and processor files
     params = {"family": family, "steps": steps, "corpus_size": corpus_size, "eval_size": eval_size,
-              "scene_size": scene_size, "batch_size": batch_size, "lr": lr, "seed": seed, "text_steps": text_steps, "text_lr": text_lr, "text_tower_lr": text_tower_lr,
-              "task_conditioned": task_conditioned, **tiny_config}
+              "scene_size": scene_size, "batch_size": batch_size, "lr": lr, "seed": seed, "text_steps": text_steps,
+              "text_lr": text_lr, "text_tower_lr": text_tower_lr, "task_conditioned": task_conditioned, **tiny_config}
     (staging / RECORD_FILE).write_text(json.dumps(
         {"params": params, "dense_error": dense_error, "text_error": text_error, "seconds": seconds,
          "command": rebuild_command(out_dir.name, params), "torch": torch.__version__}, indent=2) + "\n")
@@ -374,14 +374,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-size", type=int, default=20000)
     parser.add_argument("--text-steps", type=int, default=0)
     parser.add_argument("--text-tower-lr", type=float, default=2e-4,
-                        help="vision tower learning rate in the text stage (0: the tower stays as the dense stage left it)")
+                        help="vision tower learning rate in the text stage (0: it stays as the dense stage left it)")
     parser.add_argument("--eval-every", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI to record the pre-training run in")
     parser.add_argument("--tiny", action="append", default=[], metavar="KEY=VALUE",
-                        help="a setting of the family's tiny writer or of the stage, as the backbone config's build gives it "
-                             "(e.g. --tiny kv_heads=4 for paligemma_tiny.yaml's decoder); repeatable")
+                        help="a setting of the family's tiny writer or of the stage, as the backbone config's "
+                             "build gives it (e.g. --tiny kv_heads=4 for paligemma_tiny.yaml's decoder); repeatable")
     args = parser.parse_args(argv)
     import yaml
 
