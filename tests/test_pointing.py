@@ -135,6 +135,8 @@ def test_a_shipped_checkpoint_of_the_same_recipe_is_copied_not_trained(tmp_path,
     assert (copied / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
     with pytest.raises(AssertionError, match="copied, not trained"):  # another recipe name is trained
         build_pointing_backbone(tmp_path / "artifacts" / "other-name", family="paligemma", steps=2, **SMALL)
+    with pytest.raises(AssertionError, match="copied, not trained"):  # the CLI regenerates: it always trains
+        pointing.main([str(tmp_path / "regenerated" / "recipe-name"), "--steps", "2", "--threads", "1"])
 
 
 def test_the_shipped_default_checkpoint_points_at_objects_it_has_never_seen():

@@ -35,7 +35,7 @@ OBJECT_NAMES = sorted({name for task in TASKS.values() for name in task.objects}
 TASK_NAMES = sorted(TASKS)
 # Each family's answer format for points, as its anchor project writes them (and the text stage trains).
 NATIVE_CODECS = {"paligemma": "paligemma_loc", "llava": "robopoint", "cogvlm": "kalie_json"}
-# Checkpoints this stage built with long recipes (hours of CPU), shipped with the package. A build whose directory
+# Checkpoints this stage built with long recipes (half an hour of CPU), shipped with the package. A build whose directory
 # name (which records the recipe) matches one of them copies it instead of training.
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "checkpoints"
 RECORD_FILE = "pointing_pretraining.json"  # the recipe and figures of the stage, written into the checkpoint
@@ -364,7 +364,8 @@ def _record_run(tracking_uri: str, family: str, out_dir: Path, history: list[dic
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m affordvla.backbones.pointing OUT [--family F --steps N ...]`: (re)build a pre-trained tiny
-    checkpoint directory of one family, e.g. a longer pre-training than `make train` runs."""
+    checkpoint directory of one family, e.g. a longer pre-training than `make train` runs. It always trains, even
+    where a shipped checkpoint has the same name: this is how the shipped ones are regenerated."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     build_pointing_backbone(args.out, family=args.family, steps=args.steps, corpus_size=args.corpus_size,
                             text_steps=args.text_steps, text_tower_lr=args.text_tower_lr,
-                            eval_every=args.eval_every, seed=args.seed,
+                            eval_every=args.eval_every, seed=args.seed, use_shipped=False,
                             tracking_uri=args.tracking_uri, **tiny_config)
 
 
