@@ -122,19 +122,22 @@ def test_recorded_command_rebuilds_the_checkpoint_bit_for_bit(tmp_path):
 def test_a_shipped_checkpoint_of_the_same_recipe_is_copied_not_trained(tmp_path, monkeypatch):
     from affordvla.backbones import pointing
 
-    shipped = build_pointing_backbone(tmp_path / "shipped" / "recipe-name", family="paligemma", steps=2,
-                                      corpus_size=8, eval_size=4, batch_size=4, scene_size=32, **SMALL)
+    recipe = {"family": "paligemma", "steps": 2, "corpus_size": 8, "eval_size": 4, "batch_size": 4, "scene_size": 32,
+              **SMALL}
+    shipped = build_pointing_backbone(tmp_path / "shipped" / "recipe-name", **recipe)
     monkeypatch.setattr(pointing, "SHIPPED_DIR", tmp_path / "shipped")
 
     def no_training(*args, **kwargs):
         raise AssertionError("a shipped checkpoint must be copied, not trained again")
 
     monkeypatch.setattr(pointing, "make_scenes", no_training)
-    copied = build_pointing_backbone(tmp_path / "artifacts" / "recipe-name", family="paligemma", steps=2, **SMALL)
+    copied = build_pointing_backbone(tmp_path / "artifacts" / "recipe-name", **recipe)
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in shipped.iterdir())
     assert (copied / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
     with pytest.raises(AssertionError, match="copied, not trained"):  # another recipe name is trained
-        build_pointing_backbone(tmp_path / "artifacts" / "other-name", family="paligemma", steps=2, **SMALL)
+        build_pointing_backbone(tmp_path / "artifacts" / "other-name", **recipe)
+    with pytest.raises(AssertionError, match="copied, not trained"):  # so is a recipe the name does not record
+        build_pointing_backbone(tmp_path / "changed" / "recipe-name", **{**recipe, "lr": 1e-4})
     with pytest.raises(AssertionError, match="copied, not trained"):  # the CLI regenerates: it always trains
         pointing.main([str(tmp_path / "regenerated" / "recipe-name"), "--steps", "2", "--threads", "1"])
 

@@ -236,12 +236,18 @@ def build_pointing_backbone(
     """Write a tiny `family` checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision
     tower, then `text_steps` of 'point to the <object>' training of the language model. `tiny_config` goes to the
     family's writer (image and patch size, widths, layers, ...). With `use_shipped`, a shipped checkpoint of the
-    same name (the same recipe) is copied instead."""
+    same name built with exactly these settings is copied instead."""
     from affordvla.backbones.factory import FAMILIES
 
     out_dir = Path(out_dir)
-    if use_shipped and (shipped := shipped_checkpoint(out_dir.name)) is not None:
-        record = json.loads((shipped / RECORD_FILE).read_text())
+    recipe = {"family": family, "steps": steps, "corpus_size": corpus_size, "eval_size": eval_size,
+              "scene_size": scene_size, "batch_size": batch_size, "lr": lr, "seed": seed, "text_steps": text_steps,
+              "text_lr": text_lr, "text_tower_lr": text_tower_lr, "task_conditioned": task_conditioned, **tiny_config}
+    shipped = shipped_checkpoint(out_dir.name) if use_shipped else None
+    record = json.loads((shipped / RECORD_FILE).read_text()) if shipped else None
+    if record and record["params"] != recipe:  # the name records only part of the recipe
+        log.info("the shipped checkpoint %s was built with another recipe; training this one", shipped.name)
+    elif record:
         log.info("copying the shipped pre-trained checkpoint %s (built in %.0f s; held-out dense error %.4f, "
                  "pointing error %s); rebuild it with: %s", shipped.name, record["seconds"], record["dense_error"],
                  record["text_error"], record["command"])
@@ -310,17 +316,14 @@ def build_pointing_backbone(
                  text_error, text_steps, seconds)
 
     backbone.model.save_pretrained(staging)  # the writer already saved the tokenizer and processor files
-    params = {"family": family, "steps": steps, "corpus_size": corpus_size, "eval_size": eval_size,
-              "scene_size": scene_size, "batch_size": batch_size, "lr": lr, "seed": seed, "text_steps": text_steps,
-              "text_lr": text_lr, "text_tower_lr": text_tower_lr, "task_conditioned": task_conditioned, **tiny_config}
     (staging / RECORD_FILE).write_text(json.dumps(
-        {"params": params, "dense_error": dense_error, "text_error": text_error, "seconds": seconds,
-         "command": rebuild_command(out_dir.name, params), "torch": torch.__version__}, indent=2) + "\n")
+        {"params": recipe, "dense_error": dense_error, "text_error": text_error, "seconds": seconds,
+         "command": rebuild_command(out_dir.name, recipe), "torch": torch.__version__}, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     if tracking_uri:
-        _record_run(tracking_uri, family, out_dir, history, dense_error, text_error, seconds, params)
+        _record_run(tracking_uri, family, out_dir, history, dense_error, text_error, seconds, recipe)
     return out_dir
 
 
