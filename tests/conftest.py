@@ -40,7 +40,7 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
 # A tiny backbone config's pointing pre-training shrunk to a few steps on a few scenes (learning is tested elsewhere).
 FAST_POINTING_BUILD = ["backbone.build.steps=3", "backbone.build.corpus_size=16", "backbone.build.eval_size=4",
                        "backbone.build.batch_size=4", "backbone.build.scene_size=64", "backbone.build.eval_every=0",
-                       "++backbone.build.text_steps=0"]
+                       "++backbone.build.text_steps=0", "++backbone.build.teacher_steps=0"]
 
 
 def compose_train(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:

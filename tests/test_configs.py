@@ -107,7 +107,7 @@ def test_one_override_switches_the_backbone_and_its_answer_format(backbone, fami
 
 
 def test_the_default_backbone_recipe_is_shipped_and_matches_its_checkpoint():
-    """`make train` on a fresh clone copies the shipped pre-trained tiny PaliGemma instead of spending 27 minutes
+    """`make train` on a fresh clone copies the shipped pre-trained tiny PaliGemma instead of spending 33 minutes
     building it: this fails when the recipe in paligemma_tiny.yaml changes and nobody rebuilt the checkpoint."""
     import json
 

@@ -6,8 +6,10 @@ tower where things are within a minute. This stage trains the vision tower of a 
 on procedural tabletop scenes (a seed stream disjoint from every dataset split) to predict, for every patch of the
 features its projector reads (`VLMBackbone.vision_patch_features`): which object it shows (segmentation), which
 patch holds each kind of keypoint and where (a heatmap, plus each patch's vote for where every keypoint lies
-relative to it). The temporary dense head is discarded; the checkpoint keeps the family's exact layout. The stage
-is an MLflow run of its own, so the "pretrained" checkpoint is as traceable as any fine-tuning run.
+relative to it). Optionally a small CNN learns the same targets first (in minutes, where the tower needs much
+longer) and the tower also learns to reproduce its per-patch features. The temporary heads are discarded; the
+checkpoint keeps the family's exact layout. The stage is an MLflow run of its own, so the "pretrained" checkpoint
+is as traceable as any fine-tuning run.
 """
 
 from __future__ import annotations
@@ -126,6 +128,44 @@ class DensePointingHead(nn.Module):
         return torch.einsum("bkp,bpkc->bkc", weights, voted)
 
 
+class ConvPointingTeacher(nn.Module):
+    """A small CNN (four stride-2 stages of two 3x3 convolutions with BatchNorm) giving one feature vector per cell
+    of the vision tower's patch grid, trained first with the same dense head and targets as the tower.
+
+    Convolutions learn this dense localisation far faster than the tiny ViT: 0.046 held-out error after 1000 steps
+    and 0.023 after 2500, where the tower needs 12 000 steps for 0.057 (learning log, session 7). The tower is then
+    also trained to reproduce the teacher's per-cell features through a linear adapter (feature distillation);
+    teacher and adapter are discarded, the checkpoint keeps the family's exact layout."""
+
+    def __init__(self, grid: int, image_size: int, width: int = 128, channels: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        layers, previous, size = [], 3, image_size
+        for out in (*channels, width):
+            stride = 2 if size // 2 >= grid else 1  # halve down to the grid (128 px -> 8 cells: four times)
+            size = -(-size // stride)
+            layers += [nn.Conv2d(previous, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(),
+                       nn.Conv2d(out, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            previous = out
+        self.body, self.grid, self.width = nn.Sequential(*layers), grid, width
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, grid * grid, width), row-major like the tower
+        return F.adaptive_avg_pool2d(self.body(pixels), self.grid).flatten(2).transpose(1, 2)
+
+
+class FeatureDistillation(nn.Module):
+    """`weight` x the mean squared error between a linear map of the tower's patch features and the teacher's
+    features of the same scenes (computed once for the whole corpus, standardised so every channel counts)."""
+
+    def __init__(self, teacher_features: torch.Tensor, width: int, weight: float):
+        super().__init__()
+        mean, std = teacher_features.mean((0, 1)), teacher_features.std((0, 1)) + 1e-3
+        self.register_buffer("targets", (teacher_features - mean) / std, persistent=False)
+        self.adapter, self.weight = nn.Linear(width, teacher_features.shape[-1]), weight
+
+    def forward(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.mse_loss(self.adapter(tokens), self.targets[rows])
+
+
 def _pixels(backbone, scenes: list[Scene], chunk: int = 512) -> torch.Tensor:
     """The scenes through the backbone's own image processor (as fine-tuning will see them)."""
     return torch.cat([backbone.preprocess_images([s.image for s in scenes[i : i + chunk]])
@@ -196,6 +236,57 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
     return history, float(np.mean(errors))
 
 
+def _train_dense(encode, params: list[nn.Parameter], head: DensePointingHead, *, steps: int, name: str,
+                 pixels: torch.Tensor, targets: DenseTargets, eval_pixels: torch.Tensor, eval_truth: np.ndarray,
+                 eval_task: torch.Tensor, batch_size: int, lr: float, seed: int, eval_every: int,
+                 extra_loss: nn.Module | None = None, modules: list[nn.Module] | None = None
+                 ) -> tuple[list[dict], float]:
+    """Train `encode` (pixels -> per-patch features) and `head` on the dense targets; returns the loss history and
+    the final held-out keypoint error. `extra_loss(features, rows)` is added to the loss and trained with it."""
+    modules = modules if modules is not None else [encode]
+    params = params + list(head.parameters()) + (list(extra_loss.parameters()) if extra_loss is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 40)))
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+
+    def held_out_error() -> float:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            features = torch.cat([encode(eval_pixels[i : i + 256]) for i in range(0, len(eval_pixels), 256)])
+            predicted = head.predict(features, eval_task).numpy()
+        for module in modules:
+            module.train()
+        return float(np.linalg.norm(predicted - eval_truth, axis=-1).mean())
+
+    for module in modules:
+        module.train()
+    for step in tqdm(range(steps), desc=f"{name} pointing pre-training", unit="step"):
+        rows = torch.randint(0, len(pixels), (batch_size,), generator=generator)
+        features = encode(pixels[rows])
+        losses = head.losses(features, targets[rows])
+        loss = losses["heatmap"] + 10.0 * losses["vote"] + losses["segmentation"]
+        if extra_loss is not None:
+            losses["distillation"] = extra_loss(features, rows)
+            loss = loss + losses["distillation"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            history.append({"step": step, **{k: v.item() for k, v in losses.items()}})
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            history.append({"step": step, "held_out_keypoint_error": held_out_error()})
+            log.info("%s pointing pre-training: held-out keypoint error %.4f at step %d", name,
+                     history[-1]["held_out_keypoint_error"], step + 1)
+    error = held_out_error()
+    for module in modules:
+        module.eval()
+    return history, error
+
+
 def _warmup_cosine(steps: int, warmup: int):
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
@@ -230,19 +321,24 @@ def build_pointing_backbone(
     text_lr: float = 1e-3,
     text_tower_lr: float = 2e-4,
     task_conditioned: bool = True,
+    teacher_steps: int = 0,
+    distill_weight: float = 10.0,
     use_shipped: bool = True,
     **tiny_config,
 ) -> Path:
     """Write a tiny `family` checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision
-    tower, then `text_steps` of 'point to the <object>' training of the language model. `tiny_config` goes to the
-    family's writer (image and patch size, widths, layers, ...). With `use_shipped`, a shipped checkpoint of the
-    same name built with exactly these settings is copied instead."""
+    tower, then `text_steps` of 'point to the <object>' training of the language model. With `teacher_steps`, a
+    `ConvPointingTeacher` is trained first and the tower also learns to reproduce its features (`distill_weight`).
+    `tiny_config` goes to the family's writer (image and patch size, widths, layers, ...). With `use_shipped`, a
+    shipped checkpoint of the same name built with exactly these settings is copied instead."""
     from affordvla.backbones.factory import FAMILIES
 
     out_dir = Path(out_dir)
     recipe = {"family": family, "steps": steps, "corpus_size": corpus_size, "eval_size": eval_size,
               "scene_size": scene_size, "batch_size": batch_size, "lr": lr, "seed": seed, "text_steps": text_steps,
               "text_lr": text_lr, "text_tower_lr": text_tower_lr, "task_conditioned": task_conditioned, **tiny_config}
+    if teacher_steps > 0:  # recorded only when used, so records written before the teacher existed still match
+        recipe.update(teacher_steps=teacher_steps, distill_weight=distill_weight)
     shipped = shipped_checkpoint(out_dir.name) if use_shipped else None
     record = json.loads((shipped / RECORD_FILE).read_text()) if shipped else None
     if record and record["params"] != recipe:  # the name records only part of the recipe
@@ -257,7 +353,7 @@ def build_pointing_backbone(
     tiny_writer(family)(staging, seed=seed, **tiny_config)
     backbone = FAMILIES[family].from_pretrained(staging)
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the teacher's initialisation
     corpus = list(tqdm(make_scenes(PRETRAIN_SEED + seed, corpus_size + eval_size, scene_size),
                        total=corpus_size + eval_size, desc="pre-training scenes", unit="scene"))
     train, held_out = corpus[:corpus_size], corpus[corpus_size:]
@@ -268,39 +364,28 @@ def build_pointing_backbone(
     targets = dense_targets(train, grid)
     eval_truth = np.stack([s.keypoints for s in held_out])
     eval_task = torch.tensor([TASK_NAMES.index(s.task) for s in held_out])
-
-    head = DensePointingHead(width, eval_truth.shape[1], grid, num_tasks=len(TASK_NAMES) if task_conditioned else 1)
-    params = backbone.parameter_parts()["vision_tower"] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 40)))
-    generator = torch.Generator().manual_seed(seed)
-    history = []
+    num_tasks = len(TASK_NAMES) if task_conditioned else 1
     started = time.perf_counter()
-
-    def held_out_error() -> float:
-        backbone.eval()
+    stage = {"pixels": pixels, "targets": targets, "eval_pixels": eval_pixels, "eval_truth": eval_truth,
+             "eval_task": eval_task, "batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every}
+    history, distillation, teacher_error = [], None, None
+    if teacher_steps > 0:
+        teacher = ConvPointingTeacher(grid, pixels.shape[-1])
+        teacher_head = DensePointingHead(teacher.width, eval_truth.shape[1], grid, num_tasks=num_tasks)
+        teacher_history, teacher_error = _train_dense(teacher, list(teacher.parameters()), teacher_head,
+                                                      steps=teacher_steps, name="teacher", **stage)
+        history += [{f"teacher_{key}" if key != "step" else key: value for key, value in row.items()}
+                    for row in teacher_history]
+        log.info("teacher pointing pre-training: held-out keypoint error %.4f after %d steps", teacher_error,
+                 teacher_steps)
         with torch.no_grad():
-            predicted = head.predict(backbone.vision_patch_features(eval_pixels), eval_task).numpy()
-        backbone.train()
-        return float(np.linalg.norm(predicted - eval_truth, axis=-1).mean())
-
-    backbone.train()
-    for step in tqdm(range(steps), desc="dense pointing pre-training", unit="step"):
-        rows = torch.randint(0, len(train), (batch_size,), generator=generator)
-        losses = head.losses(backbone.vision_patch_features(pixels[rows]), targets[rows])
-        loss = losses["heatmap"] + 10.0 * losses["vote"] + losses["segmentation"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps - 1:
-            history.append({"step": step, **{k: v.item() for k, v in losses.items()}})
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            history.append({"step": step, "held_out_keypoint_error": held_out_error()})
-            log.info("dense pointing pre-training: held-out keypoint error %.4f at step %d",
-                     history[-1]["held_out_keypoint_error"], step + 1)
-    dense_error = held_out_error()
+            taught = torch.cat([teacher(pixels[i : i + 512]) for i in range(0, len(pixels), 512)])
+        distillation = FeatureDistillation(taught, width, distill_weight)
+    head = DensePointingHead(width, eval_truth.shape[1], grid, num_tasks=num_tasks)
+    tower = backbone.parameter_parts()["vision_tower"]
+    tower_history, dense_error = _train_dense(backbone.vision_patch_features, tower, head, steps=steps, name="dense",
+                                              extra_loss=distillation, modules=[backbone], **stage)
+    history += [{**row, "step": teacher_steps + row["step"]} for row in tower_history]
     backbone.eval()
     seconds = time.perf_counter() - started
     log.info("dense pointing pre-training: held-out keypoint error %.4f after %d steps (%.0f s)",
@@ -310,20 +395,21 @@ def build_pointing_backbone(
         text_history, text_error = _text_pointing_stage(
             backbone, train, held_out, pixels, eval_pixels, steps=text_steps, batch_size=batch_size, lr=text_lr,
             tower_lr=text_tower_lr, seed=seed)
-        history += [{**row, "step": steps + row["step"]} for row in text_history]
+        history += [{**row, "step": teacher_steps + steps + row["step"]} for row in text_history]
         seconds = time.perf_counter() - started
         log.info("text pointing pre-training: held-out object-centre error %.4f after %d steps (%.0f s total)",
                  text_error, text_steps, seconds)
 
     backbone.model.save_pretrained(staging)  # the writer already saved the tokenizer and processor files
     (staging / RECORD_FILE).write_text(json.dumps(
-        {"params": recipe, "dense_error": dense_error, "text_error": text_error, "seconds": seconds,
-         "command": rebuild_command(out_dir.name, recipe), "torch": torch.__version__}, indent=2) + "\n")
+        {"params": recipe, "dense_error": dense_error, "text_error": text_error, "teacher_error": teacher_error,
+         "seconds": seconds, "command": rebuild_command(out_dir.name, recipe), "torch": torch.__version__},
+        indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     if tracking_uri:
-        _record_run(tracking_uri, family, out_dir, history, dense_error, text_error, seconds, recipe)
+        _record_run(tracking_uri, family, out_dir, history, dense_error, text_error, teacher_error, seconds, recipe)
     return out_dir
 
 
@@ -341,7 +427,7 @@ def rebuild_command(name: str, params: dict) -> str:
 
 
 def _record_run(tracking_uri: str, family: str, out_dir: Path, history: list[dict], dense_error: float,
-                text_error: float | None, seconds: float, params: dict) -> None:
+                text_error: float | None, teacher_error: float | None, seconds: float, params: dict) -> None:
     from mlflow import MlflowClient
 
     from affordvla.tracking.mlflow_setup import ensure_experiment
@@ -353,13 +439,15 @@ def _record_run(tracking_uri: str, family: str, out_dir: Path, history: list[dic
                                   "checkpoint": str(out_dir)})
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
-    for row in history:
-        for key in ("heatmap", "vote", "segmentation", "text_loss", "held_out_keypoint_error"):
-            if key in row:
-                client.log_metric(run.info.run_id, f"pretrain/{key}", row[key], step=row["step"])
+    for row in history:  # losses of every stage (the teacher's prefixed teacher_), held-out errors along the way
+        for key, value in row.items():
+            if key != "step":
+                client.log_metric(run.info.run_id, f"pretrain/{key}", value, step=row["step"])
     client.log_metric(run.info.run_id, "pretrain/held_out_keypoint_error", dense_error)
     if text_error is not None:
         client.log_metric(run.info.run_id, "pretrain/held_out_pointing_error", text_error)
+    if teacher_error is not None:
+        client.log_metric(run.info.run_id, "pretrain/teacher_held_out_keypoint_error", teacher_error)
     client.log_metric(run.info.run_id, "pretrain/seconds", seconds)
     client.log_artifact(run.info.run_id, str(out_dir / "config.json"), "checkpoint")
     client.set_terminated(run.info.run_id)
