@@ -237,14 +237,14 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
     return history, float(np.mean(errors))
 
 
-def _train_dense(encode, params: list[nn.Parameter], head: DensePointingHead, *, steps: int, name: str,
+def _train_dense(module: nn.Module, encode, params: list[nn.Parameter], head: DensePointingHead, *, steps: int,
+                 name: str,
                  pixels: torch.Tensor, targets: DenseTargets, eval_pixels: torch.Tensor, eval_truth: np.ndarray,
                  eval_task: torch.Tensor, batch_size: int, lr: float, seed: int, eval_every: int,
-                 extra_loss: nn.Module | None = None, modules: list[nn.Module] | None = None
-                 ) -> tuple[list[dict], float]:
-    """Train `encode` (pixels -> per-patch features) and `head` on the dense targets; returns the loss history and
-    the final held-out keypoint error. `extra_loss(features, rows)` is added to the loss and trained with it."""
-    modules = modules if modules is not None else [encode]
+                 extra_loss: nn.Module | None = None) -> tuple[list[dict], float]:
+    """Train `params` of `module` (whose `encode` maps pixels to per-patch features) and `head` on the dense targets;
+    returns the loss history and the final held-out keypoint error, leaving `module` in eval mode.
+    `extra_loss(features, rows)` is added to the loss and trained with it."""
     params = params + list(head.parameters()) + (list(extra_loss.parameters()) if extra_loss is not None else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 40)))
@@ -252,17 +252,14 @@ def _train_dense(encode, params: list[nn.Parameter], head: DensePointingHead, *,
     history = []
 
     def held_out_error() -> float:
-        for module in modules:
-            module.eval()
+        module.eval()
         with torch.no_grad():
             features = torch.cat([encode(eval_pixels[i : i + 256]) for i in range(0, len(eval_pixels), 256)])
             predicted = head.predict(features, eval_task).numpy()
-        for module in modules:
-            module.train()
+        module.train()
         return float(np.linalg.norm(predicted - eval_truth, axis=-1).mean())
 
-    for module in modules:
-        module.train()
+    module.train()
     for step in tqdm(range(steps), desc=f"{name} pointing pre-training", unit="step"):
         rows = torch.randint(0, len(pixels), (batch_size,), generator=generator)
         features = encode(pixels[rows])
@@ -283,8 +280,7 @@ def _train_dense(encode, params: list[nn.Parameter], head: DensePointingHead, *,
             log.info("%s pointing pre-training: held-out keypoint error %.4f at step %d", name,
                      history[-1]["held_out_keypoint_error"], step + 1)
     error = held_out_error()
-    for module in modules:
-        module.eval()
+    module.eval()
     return history, error
 
 
@@ -373,7 +369,7 @@ def build_pointing_backbone(
     if teacher_steps > 0:
         teacher = ConvPointingTeacher(grid, pixels.shape[-1])
         teacher_head = DensePointingHead(teacher.width, eval_truth.shape[1], grid, num_tasks=num_tasks)
-        teacher_history, teacher_error = _train_dense(teacher, list(teacher.parameters()), teacher_head,
+        teacher_history, teacher_error = _train_dense(teacher, teacher, list(teacher.parameters()), teacher_head,
                                                       steps=teacher_steps, name="teacher", **stage)
         history += [{f"teacher_{key}" if key != "step" else key: value for key, value in row.items()}
                     for row in teacher_history]
@@ -384,10 +380,9 @@ def build_pointing_backbone(
         distillation = FeatureDistillation(taught, width, distill_weight)
     head = DensePointingHead(width, eval_truth.shape[1], grid, num_tasks=num_tasks)
     tower = backbone.parameter_parts()["vision_tower"]
-    tower_history, dense_error = _train_dense(backbone.vision_patch_features, tower, head, steps=steps, name="dense",
-                                              extra_loss=distillation, modules=[backbone], **stage)
+    tower_history, dense_error = _train_dense(backbone, backbone.vision_patch_features, tower, head, steps=steps,
+                                              name="dense", extra_loss=distillation, **stage)
     history += [{**row, "step": teacher_steps + row["step"]} for row in tower_history]
-    backbone.eval()
     seconds = time.perf_counter() - started
     log.info("dense pointing pre-training: held-out keypoint error %.4f after %d steps (%.0f s)",
              dense_error, steps, seconds)
