@@ -342,8 +342,8 @@ def build_pointing_backbone(
         log.info("the shipped checkpoint %s was built with another recipe; training this one", shipped.name)
     elif record:
         log.info("copying the shipped pre-trained checkpoint %s (built in %.0f s; held-out dense error %.4f, "
-                 "pointing error %s); rebuild it with: %s", shipped.name, record["seconds"], record["dense_error"],
-                 record["text_error"], record["command"])
+                 "pointing error %.4f); rebuild it with: %s", shipped.name, record["seconds"], record["dense_error"],
+                 record["text_error"] if record["text_error"] is not None else float("nan"), record["command"])
         shutil.copytree(shipped, out_dir, dirs_exist_ok=True)
         return out_dir
     staging = out_dir.with_name(out_dir.name + ".building")
