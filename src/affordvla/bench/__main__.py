@@ -61,7 +61,7 @@ def bench_gpu_throughput() -> dict[str, float]:
 
 def bench_backbone_learning() -> dict[str, float]:
     """The embedded default switched to each other backbone family by one override (each pre-trained by the same
-    pointing stage, answering in its own format), from a fresh build like `make train`."""
+    pointing stages, answering in its own format), into empty folders like `make train`."""
     figures = {}
     for family in ("llava", "cogvlm"):
         metrics, wall = _fresh_default_run(f"bench_backbone_{family}", [f"backbone={family}_tiny"])
