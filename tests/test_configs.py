@@ -109,7 +109,7 @@ def test_one_override_switches_the_backbone_and_its_answer_format(backbone, fami
 @pytest.mark.parametrize("backbone", ["paligemma_tiny", "llava_tiny", "cogvlm_tiny"])
 def test_each_tiny_backbone_recipe_is_shipped_and_matches_its_checkpoint(backbone):
     """`make train` on a fresh clone, or one override to another family, copies the shipped pre-trained tiny
-    checkpoint instead of spending 35 to 75 minutes building it: this fails when a recipe in conf/backbone changes
+    checkpoint instead of spending half an hour or more building it: this fails when a recipe in conf/backbone changes
     and nobody rebuilt its checkpoint."""
     import json
 
