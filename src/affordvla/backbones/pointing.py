@@ -238,9 +238,8 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
 
 
 def _train_dense(module: nn.Module, encode, params: list[nn.Parameter], head: DensePointingHead, *, steps: int,
-                 name: str,
-                 pixels: torch.Tensor, targets: DenseTargets, eval_pixels: torch.Tensor, eval_truth: np.ndarray,
-                 eval_task: torch.Tensor, batch_size: int, lr: float, seed: int, eval_every: int,
+                 name: str, pixels: torch.Tensor, targets: DenseTargets, eval_pixels: torch.Tensor,
+                 eval_truth: np.ndarray, eval_task: torch.Tensor, batch_size: int, lr: float, seed: int, eval_every: int,
                  extra_loss: nn.Module | None = None) -> tuple[list[dict], float]:
     """Train `params` of `module` (whose `encode` maps pixels to per-patch features) and `head` on the dense targets;
     returns the loss history and the final held-out keypoint error, leaving `module` in eval mode.
@@ -397,15 +396,14 @@ def build_pointing_backbone(
                  text_error, text_steps, seconds)
 
     backbone.model.save_pretrained(staging)  # the writer already saved the tokenizer and processor files
-    (staging / RECORD_FILE).write_text(json.dumps(
-        {"params": recipe, "dense_error": dense_error, "text_error": text_error, "teacher_error": teacher_error,
-         "seconds": seconds, "command": rebuild_command(out_dir.name, recipe), "torch": torch.__version__},
-        indent=2) + "\n")
+    record = {"params": recipe, "dense_error": dense_error, "text_error": text_error, "teacher_error": teacher_error,
+              "seconds": seconds, "command": rebuild_command(out_dir.name, recipe), "torch": torch.__version__}
+    (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     if tracking_uri:
-        _record_run(tracking_uri, family, out_dir, history, dense_error, text_error, teacher_error, seconds, recipe)
+        _record_run(tracking_uri, out_dir, history, record)
     return out_dir
 
 
@@ -422,29 +420,28 @@ def rebuild_command(name: str, params: dict) -> str:
             f"--text-tower-lr {params['text_tower_lr']} --seed {params['seed']} {tiny}").strip()
 
 
-def _record_run(tracking_uri: str, family: str, out_dir: Path, history: list[dict], dense_error: float,
-                text_error: float | None, teacher_error: float | None, seconds: float, params: dict) -> None:
+def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], record: dict) -> None:
+    """The stage as an MLflow run: `record` (what the checkpoint's RECORD_FILE holds) and the loss history."""
     from mlflow import MlflowClient
 
     from affordvla.tracking.mlflow_setup import ensure_experiment
 
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, "affordvla-pretrain")
+    family = record["params"]["family"]
     run = client.create_run(experiment_id, run_name=f"tiny-{family}-pointing-{out_dir.name}",
                             tags={"backbone": f"{family}_tiny", "stage": "dense_pointing_pretraining",
                                   "checkpoint": str(out_dir)})
-    for key, value in params.items():
+    for key, value in record["params"].items():
         client.log_param(run.info.run_id, key, value)
     for row in history:  # losses of every stage (the teacher's prefixed teacher_), held-out errors along the way
         for key, value in row.items():
             if key != "step":
                 client.log_metric(run.info.run_id, f"pretrain/{key}", value, step=row["step"])
-    client.log_metric(run.info.run_id, "pretrain/held_out_keypoint_error", dense_error)
-    if text_error is not None:
-        client.log_metric(run.info.run_id, "pretrain/held_out_pointing_error", text_error)
-    if teacher_error is not None:
-        client.log_metric(run.info.run_id, "pretrain/teacher_held_out_keypoint_error", teacher_error)
-    client.log_metric(run.info.run_id, "pretrain/seconds", seconds)
+    for key, metric in (("dense_error", "held_out_keypoint_error"), ("text_error", "held_out_pointing_error"),
+                        ("teacher_error", "teacher_held_out_keypoint_error"), ("seconds", "seconds")):
+        if record[key] is not None:  # the text and teacher stages are optional
+            client.log_metric(run.info.run_id, f"pretrain/{metric}", record[key])
     client.log_artifact(run.info.run_id, str(out_dir / "config.json"), "checkpoint")
     client.set_terminated(run.info.run_id)
 
