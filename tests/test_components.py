@@ -10,6 +10,7 @@ import torch
 
 from affordvla.backbones.base import IGNORE_INDEX, BackboneLoadError
 from affordvla.backbones.factory import load_backbone
+from affordvla.backbones.llava.tiny import write_tiny_llava
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
 from affordvla.backbones.paligemma.tiny import (
     LOC_TOKENS,
@@ -90,6 +91,74 @@ def test_soft_location_loss_by_hand(backbone):
     log_z = math.log(math.exp(10.0) + vocab - 1)
     expected = -(weights[500] * (10.0 - log_z) + (1 - weights[500]) * (0.0 - log_z))
     assert head.loss(logits, labels)["loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def llava_backbone(tmp_path_factory):
+    directory = write_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny", image_size=32, patch_size=8,
+                                 hidden_size=32, intermediate_size=64, vision_layers=1, text_layers=1, heads=2)
+    return load_backbone("llava", str(directory))
+
+
+def _gaussian_mass(low: float, high: float, centre: float, sigma: float) -> float:
+    """Mass of N(centre, sigma) on the whole numbers low..high-1, each standing for [n - 0.5, n + 0.5)."""
+    def cdf(x: float) -> float:
+        return 0.5 * (1 + math.erf((x - centre) / (sigma * math.sqrt(2))))
+
+    return cdf(high - 0.5) - cdf(low - 0.5)
+
+
+def test_soft_digit_targets_by_hand(llava_backbone):
+    """RoboPoint's "0.498": the "0" stays one-hot (sigma is 0.008 of a unit there); the fraction's digits share
+    a Gaussian of sigma 8/1024 of the image = 7.8125 thousandths between the numbers each digit leads to."""
+    tok = llava_backbone.tokenizer
+    head = KeypointTextHead(codec="robopoint", location_sigma=8.0)
+    head.bind(llava_backbone)
+    ids = tok("[(0.531, 0.498)]", add_special_tokens=False)["input_ids"]
+    labels = torch.tensor([[IGNORE_INDEX] * 3 + ids + [IGNORE_INDEX]])
+    index, targets = head.digit_targets(labels)
+    assert [tok.convert_ids_to_tokens(ids[i]) for i in index] == list("05310498")
+    sigma = 8 / 1024 * 1000
+    assert targets[4].tolist() == [1.0] + [0.0] * 9  # the "0" of 0.498
+    hundreds = [_gaussian_mass(100 * d, 100 * d + 100, 498, sigma) for d in range(10)]
+    assert targets[5].tolist() == pytest.approx([m / sum(hundreds) for m in hundreds], abs=1e-6)
+    assert targets[5, 4:6].tolist() == pytest.approx([0.576, 0.424], abs=1e-3)  # 498 is 1.5 from the "5"s
+    tens = [_gaussian_mass(400 + 10 * d, 410 + 10 * d, 498, sigma) for d in range(10)]  # after the true "4"
+    assert targets[6].tolist() == pytest.approx([m / sum(tens) for m in tens], abs=1e-6)
+    units = [_gaussian_mass(490 + d, 491 + d, 498, sigma) for d in range(10)]  # after the true "49"
+    assert targets[7].tolist() == pytest.approx([m / sum(units) for m in units], abs=1e-6)
+
+    # KALIE's zero-padded "498" on the 0-999 scale: the same targets as RoboPoint's fraction
+    kalie = KeypointTextHead(codec="kalie_json", location_sigma=8.0)
+    kalie.bind(llava_backbone)
+    kalie_ids = tok(kalie.codec.encode(np.array([[0.498, 0.531]] * 5)), add_special_tokens=False)["input_ids"]
+    kalie_index, kalie_targets = kalie.digit_targets(torch.tensor([kalie_ids]))
+    assert len(kalie_index) == 30
+    assert torch.allclose(kalie_targets[:3], targets[5:8], atol=1e-6)
+
+    # the loss: the soft target's cross-entropy at digit positions, the plain one elsewhere
+    logits = torch.zeros(1, labels.shape[1], len(tok))
+    nine = tok.convert_tokens_to_ids("9")
+    logits[0, :, nine] = 5.0
+    log_z = math.log(math.exp(5.0) + len(tok) - 1)
+    answer = labels[0, 1:][labels[0, 1:] != IGNORE_INDEX].tolist()
+    expected = []
+    for position, token in enumerate(answer):
+        if position in index:
+            weights = targets[index.index(position)]
+            expected.append(-(weights[9].item() * (5.0 - log_z) + (1 - weights[9].item()) * -log_z))
+        else:
+            expected.append(-((5.0 if token == nine else 0.0) - log_z))
+    assert head.loss(logits, labels)["loss"].item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_digit_targets_need_a_digit_codec_and_a_tokenizer_that_splits_numbers(backbone, llava_backbone):
+    loc = KeypointTextHead(codec="paligemma_loc", location_sigma=8.0)
+    loc.bind(llava_backbone)
+    assert loc._digit_ids is None
+    merged = KeypointTextHead(codec="robopoint", location_sigma=8.0)
+    merged.bind(backbone)  # the tiny PaliGemma's tokenizer has "31" as one token: no digit targets there
+    assert backbone.tokenizer.tokenize("0.531")[-1] != "1" and merged._digit_ids is None
 
 
 def test_evaluator_by_hand():

@@ -25,6 +25,9 @@ class KeypointParseError(ValueError):
 class KeypointCodec(abc.ABC):
     name: str = ""
     fixed_count = True  # encode requires exactly one point per name
+    # The image fraction one unit of a coordinate written in digits stands for (KALIE's 0-999 ints: 1/1000;
+    # RoboPoint's "0.531": 1, its fraction digits a tenth each further). None: coordinates are not digits.
+    integer_unit: float | None = None
 
     def __init__(self, point_names: Sequence[str] = KALIE_POINT_NAMES) -> None:
         self.point_names = tuple(point_names)
@@ -122,6 +125,7 @@ class KalieJsonCodec(KeypointCodec):
     """
 
     name = "kalie_json"
+    integer_unit = 1e-3
     _TRAILING_COMMA = re.compile(r",\s*([}\]])")
     _INT = r"\s*[\"']?(\d+)[\"']?\s*"
 
@@ -205,6 +209,7 @@ class RoboPointTupleCodec(KeypointCodec):
 
     name = "robopoint"
     fixed_count = False  # RoboPoint answers carry 1..N points; names are not written
+    integer_unit = 1.0
     # A group ends at ")" or, when the ")" is missing, at the list's "]"; an unclosed group is truncation.
     _GROUP = re.compile(r"\(([^()\[\]]*)[)\]]")
     _NUMBER = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|nan|inf(?:inity)?)", re.IGNORECASE)

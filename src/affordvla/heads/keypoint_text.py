@@ -23,7 +23,10 @@ class KeypointTextHead(nn.Module):
 
     `location_sigma` > 0 replaces the one-hot target of each `<locNNNN>` answer token by a Gaussian over the
     neighbouring location tokens (sigma in bins): an answer one bin off is nearly right, and with 1024 bins the
-    one-hot loss gives a tiny model almost no signal about *how* far off it is.
+    one-hot loss gives a tiny model almost no signal about *how* far off it is. Codecs that write coordinates in
+    digits (KALIE's "531", RoboPoint's "0.531") get the same Gaussian, of the same width in the image, spread
+    over each digit given the true digits before it (`digit_targets`), when the tokenizer splits numbers into
+    single digits as Llama's does.
 
     `constrained` decodes through the codec's answer grammar (heads/constrained.py), so every answer parses.
     """
@@ -38,6 +41,8 @@ class KeypointTextHead(nn.Module):
         self.location_sigma = float(location_sigma)
         self._max_new_tokens = max_new_tokens
         self._location_ids: torch.Tensor | None = None
+        self._digit_ids: torch.Tensor | None = None  # the tokens "0".."9", when numbers tokenise digit by digit
+        self._dot_ids: frozenset[int] = frozenset()
         self.constrained = constrained
         self._constraint: tuple[object, TokenConstraint] | None = None  # (tokenizer, its constraint)
 
@@ -70,10 +75,17 @@ class KeypointTextHead(nn.Module):
 
     # --- loss ---------------------------------------------------------------------------------------------
     def bind(self, backbone: VLMBackbone) -> None:
-        """Look up the location-token ids once (they are contiguous in PaliGemma's vocabulary)."""
-        vocab = backbone.tokenizer.get_vocab()
+        """Look up the location-token ids once (they are contiguous in PaliGemma's vocabulary), and the digit
+        tokens when the codec writes digits and the tokenizer gives every digit a token of its own."""
+        tokenizer = backbone.tokenizer
+        vocab = tokenizer.get_vocab()
         ids = [vocab[t] for t in sorted(vocab) if re.fullmatch(r"<loc\d{4}>", t)]
         self._location_ids = torch.tensor(sorted(ids), dtype=torch.long) if ids else None
+        digits = tokenizer.convert_ids_to_tokens(tokenizer("0123456789", add_special_tokens=False)["input_ids"])
+        split = [t for t in digits if t != "\u2581"] == list("0123456789")  # a leading "▁" of its own is fine
+        self._digit_ids = (torch.tensor([vocab[str(d)] for d in range(10)])
+                           if split and self.codec.integer_unit is not None else None)
+        self._dot_ids = frozenset(i for t, i in vocab.items() if t == ".")
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Next-token loss on answer positions. `logits` covers the last `logits.shape[1]` positions."""
@@ -88,6 +100,8 @@ class KeypointTextHead(nn.Module):
             token_accuracy = (picked_logits.argmax(-1) == picked_labels).float().mean()
         if self.location_sigma > 0 and self._location_ids is not None:
             nll = self._soft_location_loss(log_probs, picked_labels, nll)
+        if self.location_sigma > 0 and self._digit_ids is not None:
+            nll = self._soft_digit_loss(log_probs, shift_labels, nll)
         return {"loss": nll.mean(), "token_accuracy": token_accuracy}
 
     def _soft_location_loss(self, log_probs, labels, nll):
@@ -104,6 +118,54 @@ class KeypointTextHead(nn.Module):
         nll = nll.clone()
         nll[is_loc] = soft
         return nll
+
+    def _soft_digit_loss(self, log_probs, labels, nll):
+        rows, targets = self.digit_targets(labels)
+        if not rows:
+            return nll
+        rows = torch.tensor(rows, device=nll.device)
+        digit_log_probs = log_probs[rows][:, self._digit_ids.to(nll.device)]
+        nll = nll.clone()
+        nll[rows] = -(targets.to(digit_log_probs) * digit_log_probs).sum(-1)
+        return nll
+
+    def digit_targets(self, labels: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Every coordinate digit among the answer tokens of `labels` (their index in row-major order, as the
+        loss picks them) and its target over the ten digits: the mass of a Gaussian around the true coordinate
+        (sigma `location_sigma` / 1024 of the image) on the numbers each digit leads to after the true digits
+        before it. A run of digits after "." is a fraction of the codec's `integer_unit`."""
+        digit_of = {int(t): d for d, t in enumerate(self._digit_ids)}
+        sigma_image = self.location_sigma / 1024
+        index, runs = [], []  # runs: (value, digits before, digits after, sigma in units of the last digit)
+        offset = 0
+        for row in labels.tolist():
+            answer = [t for t in row if t != IGNORE_INDEX]
+            start = 0
+            while start < len(answer):
+                if answer[start] not in digit_of:
+                    start += 1
+                    continue
+                end = start
+                while end < len(answer) and answer[end] in digit_of:
+                    end += 1
+                digits = [digit_of[t] for t in answer[start:end]]
+                fraction = start > 0 and answer[start - 1] in self._dot_ids
+                unit = self.codec.integer_unit * (10.0 ** -len(digits) if fraction else 1.0)
+                value = int("".join(map(str, digits)))
+                for place in range(len(digits)):
+                    index.append(offset + start + place)
+                    runs.append((value, int("".join(map(str, digits[:place])) or 0), len(digits) - place - 1,
+                                 sigma_image / unit))
+                start = end
+            offset += len(answer)
+        if not runs:
+            return [], torch.empty(0, 10)
+        value, prefix, after, sigma = torch.tensor(runs, dtype=torch.float64).unbind(-1)
+        step = 10.0 ** after[:, None]  # the span of numbers one digit here stands for
+        low = (prefix[:, None] * 10 + torch.arange(10, dtype=torch.float64)) * step - 0.5
+        mass = (torch.special.ndtr((low + step - value[:, None]) / sigma[:, None])
+                - torch.special.ndtr((low - value[:, None]) / sigma[:, None]))
+        return index, (mass / mass.sum(-1, keepdim=True)).float()
 
     # --- prediction ---------------------------------------------------------------------------------------
     @torch.no_grad()
