@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -291,6 +292,11 @@ def test_rollout_cli_from_an_export_dir_is_seeded(trained_run, tmp_path, capsys)
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out) == first
     assert set(first) == {"rollout/success_rate", "rollout/episodes", "rollout/mean_steps"}
+    # the export carries its head settings: moved away from its run's config, it loads and acts the same
+    moved = shutil.copytree(trained_run["export"], tmp_path / "moved" / "model")
+    assert json.loads((moved / "policy.json").read_text())["head"]["_target_"].endswith(".MLPHead")
+    assert main([*args[:2], str(moved), *args[3:]]) == 0
+    assert json.loads(capsys.readouterr().out) == first
     # the errors a user can make, each with its message
     assert main(["rollout", "--model", str(tmp_path), "--env", "toy"]) == 1
     assert "not an exported policy" in capsys.readouterr().err

@@ -122,8 +122,8 @@ def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None 
 
 def load_policy(model_dir: str | Path, config: str | Path | None = None, execution: str = "first"):
     """A `PolicyRunner` over an exported policy (`export_policy` beside the exported backbone). The head's
-    settings come from the training run's resolved config: `config`, else `config_resolved.yaml` beside the
-    export (affordvla-train writes the export to <run>/model)."""
+    settings come from the training run's resolved config when `config` names it, else from the export itself
+    (affordvla-train records them there), else from `config_resolved.yaml` beside an older export."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -135,16 +135,19 @@ def load_policy(model_dir: str | Path, config: str | Path | None = None, executi
     if not (model_dir / POLICY_CONFIG).is_file():
         raise ValueError(f"{model_dir} has no {POLICY_CONFIG}: not an exported policy "
                          "(train with module=action_policy)")
-    config = Path(config) if config else model_dir.parent / "config_resolved.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config}: the training run's resolved config is needed to rebuild the head "
-                                "(pass --config, or --run-id)")
-    cfg = OmegaConf.load(config)
     policy = json.loads((model_dir / POLICY_CONFIG).read_text())
-    prefix_lm = cfg.backbone.get("prefix_lm")
+    if config is None and "head" in policy:
+        head_config, prefix_lm = OmegaConf.create(policy["head"]), policy.get("prefix_lm")
+    else:
+        config = Path(config) if config else model_dir.parent / "config_resolved.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"{config}: the training run's resolved config is needed to rebuild the head "
+                                    "(pass --config, or --run-id)")
+        cfg = OmegaConf.load(config)
+        head_config, prefix_lm = cfg.head, cfg.backbone.get("prefix_lm")
     extra = {"prefix_lm": prefix_lm} if prefix_lm is not None else {}
     backbone = load_backbone(_family(model_dir), str(model_dir), **extra)
-    module = ActionPolicyModule(backbone, instantiate(cfg.head), optimizer=None, formulation=policy["formulation"],
+    module = ActionPolicyModule(backbone, instantiate(head_config), optimizer=None, formulation=policy["formulation"],
                                 latent_tokens=policy["latent_tokens"])
     module.load_exported_head(model_dir)
     return PolicyRunner(module, execution=execution)
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--model", help="an exported policy directory (<run>/model)")
     rollout.add_argument("--run-id", help="an affordvla-train MLflow run: its exported policy and config")
     rollout.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
-    rollout.add_argument("--config", help="the run's config_resolved.yaml (default: beside the export)")
+    rollout.add_argument("--config", help="the run's config_resolved.yaml (default: the head settings the export "
+                         "records, or the config beside an older export)")
     rollout.add_argument("--env", required=True, choices=("toy", "calvin", "rlbench", "simpler"))
     rollout.add_argument("--episodes", type=int, default=0, help="single-task episodes (success rate)")
     rollout.add_argument("--chains", type=int, default=0, help="CALVIN-style chains of --subtasks (1..5 in a row)")

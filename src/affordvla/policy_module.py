@@ -285,13 +285,15 @@ class ActionPolicyModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- export -------------------------------------------------------------------------------------------
-    def export_policy(self, out_dir: str | Path) -> Path:
+    def export_policy(self, out_dir: str | Path, build: dict[str, Any] | None = None) -> Path:
         """Beside the exported backbone: the head's weights and what is needed to rebuild it (normaliser,
-        formulation, window and chunk sizes, camera, dataset metadata)."""
+        formulation, window and chunk sizes, camera, dataset metadata). `build` (the resolved head config and the
+        backbone's `prefix_lm`, as affordvla-train passes them) makes the export load on its own."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         config = {"formulation": self.formulation, "latent_tokens": self.latent_tokens, "camera": self.camera,
-                  "normalizer": self.normalizer.to_dict(), "dataset_metadata": self.dataset_metadata}
+                  "normalizer": self.normalizer.to_dict(), "dataset_metadata": self.dataset_metadata,
+                  **(build or {})}
         if not self.is_language_head:
             state = {f"head.{k}": v.detach().contiguous() for k, v in self.policy_head.state_dict().items()}
             state["action_token"] = self.action_token.detach().contiguous()

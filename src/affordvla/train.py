@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
 from affordvla.backbones.finetuning import export_backbone
@@ -123,7 +123,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if trained is not None:
                 export_backbone(trained.backbone, cfg.export_dir, merge=True)
                 if hasattr(trained, "export_policy"):
-                    trained.export_policy(cfg.export_dir)
+                    trained.export_policy(cfg.export_dir, build={
+                        "head": OmegaConf.to_container(cfg.head, resolve=True),
+                        "prefix_lm": cfg.backbone.get("prefix_lm")})
                 Path(cfg.export_dir, "dataset_metadata.json").write_text(
                     json.dumps(datamodule.metadata(), indent=2))
     if rank_zero:
