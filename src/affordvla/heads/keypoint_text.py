@@ -120,13 +120,13 @@ class KeypointTextHead(nn.Module):
         return nll
 
     def _soft_digit_loss(self, log_probs, labels, nll):
-        rows, targets = self.digit_targets(labels)
-        if not rows:
+        positions, targets = self.digit_targets(labels)
+        if not positions:
             return nll
-        rows = torch.tensor(rows, device=nll.device)
-        digit_log_probs = log_probs[rows][:, self._digit_ids.to(nll.device)]
+        positions = torch.tensor(positions, device=nll.device)
+        digit_log_probs = log_probs[positions][:, self._digit_ids.to(nll.device)]
         nll = nll.clone()
-        nll[rows] = -(targets.to(digit_log_probs) * digit_log_probs).sum(-1)
+        nll[positions] = -(targets.to(digit_log_probs) * digit_log_probs).sum(-1)
         return nll
 
     def digit_targets(self, labels: torch.Tensor) -> tuple[list[int], torch.Tensor]:
