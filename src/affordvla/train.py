@@ -28,6 +28,7 @@ from affordvla.distributed import (
     module_for_export,
     wants_backbone,
 )
+from affordvla.policy_module import ActionPolicyModule
 from affordvla.synthesis.pipeline import apply_synthesis
 from affordvla.tracking.run_record import (
     config_hash,
@@ -122,10 +123,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with module_for_export(trainer, module, lambda: _build_module(cfg, datamodule.metadata())) as trained:
             if trained is not None:
                 export_backbone(trained.backbone, cfg.export_dir, merge=True)
-                if hasattr(trained, "export_policy"):
+                if isinstance(trained, ActionPolicyModule):  # its head is rebuilt from config: record that
                     trained.export_policy(cfg.export_dir, build={
                         "head": OmegaConf.to_container(cfg.head, resolve=True),
                         "prefix_lm": cfg.backbone.get("prefix_lm")})
+                elif hasattr(trained, "export_policy"):  # the keypoint regression head records its own settings
+                    trained.export_policy(cfg.export_dir)
                 Path(cfg.export_dir, "dataset_metadata.json").write_text(
                     json.dumps(datamodule.metadata(), indent=2))
     if rank_zero:
