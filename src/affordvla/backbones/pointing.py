@@ -239,8 +239,8 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
 
 def _train_dense(module: nn.Module, encode, params: list[nn.Parameter], head: DensePointingHead, *, steps: int,
                  name: str, pixels: torch.Tensor, targets: DenseTargets, eval_pixels: torch.Tensor,
-                 eval_truth: np.ndarray, eval_task: torch.Tensor, batch_size: int, lr: float, seed: int, eval_every: int,
-                 extra_loss: nn.Module | None = None) -> tuple[list[dict], float]:
+                 eval_truth: np.ndarray, eval_task: torch.Tensor, batch_size: int, lr: float, seed: int,
+                 eval_every: int, extra_loss: nn.Module | None = None) -> tuple[list[dict], float]:
     """Train `params` of `module` (whose `encode` maps pixels to per-patch features) and `head` on the dense targets;
     returns the loss history and the final held-out keypoint error, leaving `module` in eval mode.
     `extra_loss(features, rows)` is added to the loss and trained with it."""

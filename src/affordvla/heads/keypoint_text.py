@@ -42,6 +42,7 @@ class KeypointTextHead(nn.Module):
         self._max_new_tokens = max_new_tokens
         self._location_ids: torch.Tensor | None = None
         self._digit_ids: torch.Tensor | None = None  # the tokens "0".."9", when numbers tokenise digit by digit
+        self._digit_of: dict[int, int] = {}  # token id -> its digit
         self._dot_ids: frozenset[int] = frozenset()
         self.constrained = constrained
         self._constraint: tuple[object, TokenConstraint] | None = None  # (tokenizer, its constraint)
@@ -85,6 +86,7 @@ class KeypointTextHead(nn.Module):
         split = [t for t in digits if t != "\u2581"] == list("0123456789")  # a leading "▁" of its own is fine
         self._digit_ids = (torch.tensor([vocab[str(d)] for d in range(10)])
                            if split and self.codec.integer_unit is not None else None)
+        self._digit_of = {} if self._digit_ids is None else {int(t): d for d, t in enumerate(self._digit_ids)}
         self._dot_ids = frozenset(i for t, i in vocab.items() if t == ".")
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -134,7 +136,7 @@ class KeypointTextHead(nn.Module):
         loss picks them) and its target over the ten digits: the mass of a Gaussian around the true coordinate
         (sigma `location_sigma` / 1024 of the image) on the numbers each digit leads to after the true digits
         before it. A run of digits after "." is a fraction of the codec's `integer_unit`."""
-        digit_of = {int(t): d for d, t in enumerate(self._digit_ids)}
+        digit_of = self._digit_of
         sigma_image = self.location_sigma / 1024
         index, runs = [], []  # runs: (value, digits before, digits after, sigma in units of the last digit)
         offset = 0
