@@ -93,6 +93,25 @@ def test_soft_location_loss_by_hand(backbone):
     assert head.loss(logits, labels)["loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_soft_bin_loss_by_hand():
+    """The shared Gaussian over a contiguous id range (location tokens, action bins): a target inside the range is
+    charged against the Gaussian's weights over the range's log-probabilities; a target outside keeps its one-hot
+    loss."""
+    from affordvla.heads.soft_targets import soft_bin_nll
+
+    log_probs = torch.log_softmax(torch.arange(16.0).reshape(2, 8) % 5, -1)  # two positions, a vocabulary of 8
+    targets = torch.tensor([4, 0])  # the range is ids 2..6; id 4 is its middle bin, id 0 lies outside
+    one_hot = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    before = one_hot.clone()
+    soft = soft_bin_nll(log_probs, targets, one_hot, first=2, count=5, sigma=1.0)
+    weights = np.exp([-2.0, -0.5, 0.0, -0.5, -2.0])
+    weights /= weights.sum()
+    assert soft[0].item() == pytest.approx(-(weights * log_probs[0, 2:7].numpy()).sum(), rel=1e-6)
+    assert soft[1].item() == one_hot[1].item()
+    assert torch.equal(one_hot, before)  # the caller's losses are left as they were
+    assert torch.equal(soft_bin_nll(log_probs, torch.tensor([0, 7]), one_hot, 2, 5, 1.0), one_hot)
+
+
 @pytest.fixture(scope="module")
 def llava_backbone(tmp_path_factory):
     directory = write_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny", image_size=32, patch_size=8,

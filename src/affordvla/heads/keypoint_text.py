@@ -14,6 +14,7 @@ from affordvla.data.kalie_tasks import TASKS, kalie_prompt
 from affordvla.data.sample import KeypointSample
 from affordvla.heads.codecs import KeypointCodec, make_codec
 from affordvla.heads.constrained import TokenConstraint, codec_automaton
+from affordvla.heads.soft_targets import soft_bin_nll
 
 PROMPT_STYLES = ("instruction", "kalie")
 
@@ -101,25 +102,11 @@ class KeypointTextHead(nn.Module):
         with torch.no_grad():
             token_accuracy = (picked_logits.argmax(-1) == picked_labels).float().mean()
         if self.location_sigma > 0 and self._location_ids is not None:
-            nll = self._soft_location_loss(log_probs, picked_labels, nll)
+            nll = soft_bin_nll(log_probs, picked_labels, nll, int(self._location_ids[0]), len(self._location_ids),
+                               self.location_sigma)
         if self.location_sigma > 0 and self._digit_ids is not None:
             nll = self._soft_digit_loss(log_probs, shift_labels, nll)
         return {"loss": nll.mean(), "token_accuracy": token_accuracy}
-
-    def _soft_location_loss(self, log_probs, labels, nll):
-        loc_ids = self._location_ids.to(labels.device)
-        first = int(loc_ids[0])
-        is_loc = (labels >= first) & (labels < first + len(loc_ids))
-        if not is_loc.any():
-            return nll
-        bins = torch.arange(len(loc_ids), device=labels.device, dtype=torch.float32)
-        centre = (labels[is_loc] - first).float()
-        weights = torch.exp(-0.5 * ((bins[None, :] - centre[:, None]) / self.location_sigma) ** 2)
-        weights = weights / weights.sum(-1, keepdim=True)
-        soft = -(weights * log_probs[is_loc][:, first : first + len(loc_ids)]).sum(-1)
-        nll = nll.clone()
-        nll[is_loc] = soft
-        return nll
 
     def _soft_digit_loss(self, log_probs, labels, nll):
         positions, targets = self.digit_targets(labels)

@@ -25,6 +25,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
 from affordvla.data.llarva import ANSWER_PREFIX, TRACE_PREFIX
 from affordvla.heads.action_normalization import ActionNormalizer
+from affordvla.heads.soft_targets import soft_bin_nll
 
 NUMBER_WORDS = {1: "1", 2: "two", 3: "three", 4: "four", 5: "five"}
 
@@ -41,14 +42,7 @@ def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor, soft_ids: torc
     log_probs = picked.log_softmax(-1)
     nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
     if soft_ids is not None and sigma > 0:
-        first, count = int(soft_ids[0]), len(soft_ids)
-        inside = (targets >= first) & (targets < first + count)
-        if inside.any():
-            bins = torch.arange(count, device=targets.device, dtype=torch.float32)
-            centre = (targets[inside] - first).float()
-            weights = torch.softmax(-0.5 * ((bins[None] - centre[:, None]) / sigma) ** 2, dim=-1)
-            nll = nll.clone()
-            nll[inside] = -(weights * log_probs[inside][:, first : first + count]).sum(-1)
+        nll = soft_bin_nll(log_probs, targets, nll, int(soft_ids[0]), len(soft_ids), sigma)
     with torch.no_grad():
         accuracy = (picked.argmax(-1) == targets).float().mean()
     return {"loss": nll.mean(), "token_accuracy": accuracy}
