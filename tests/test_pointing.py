@@ -136,6 +136,27 @@ def test_the_teacher_gives_one_feature_per_cell_of_the_towers_grid(image_size, g
     assert changed[0, -1] > 0 and changed[-1, 0] == changed[-1, -1] == changed[0, 0] == 0
 
 
+def test_subcell_features_are_each_cells_finer_map():
+    """Sub-cell features hand every cell of the tower's grid the teacher's finer map inside it: at 128 px and
+    grid 8, cell (row, col)'s 2x2 sub-cells are the third stage's 16x16 map at rows 2*row..2*row+1 and columns
+    2*col..2*col+1, channel-major, cells row-major like the tower's patches."""
+    teacher = ConvPointingTeacher(8, 128, width=16, channels=(4, 8, 6)).eval()
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        subcells = teacher.subcell_features(image, 2)
+        third_stage = teacher.body[:3](image)
+    assert third_stage.shape == (2, 6, 16, 16) and subcells.shape == (2, 64, 6 * 4)
+    for row, col in [(0, 0), (0, 7), (3, 5), (7, 7)]:
+        expected = third_stage[:, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2].reshape(2, -1)
+        assert torch.equal(subcells[:, row * 8 + col], expected)
+    with torch.no_grad():  # 4 sub-cells: the 32x32 map of the second stage; 1: the last stage, as forward() pools it
+        assert torch.equal(teacher.subcell_features(image, 4)[:, 9].reshape(2, 8, 4, 4),
+                           teacher.body[:2](image)[:, :, 4:8, 4:8])
+        assert torch.equal(teacher.subcell_features(image, 1), teacher(image))
+    with pytest.raises(ValueError, match="no stage of the teacher is 512 cells wide"):
+        teacher.subcell_features(image, 64)
+
+
 def test_teacher_features_are_distilled_into_the_tower(tmp_path):
     """With `teacher_steps`, a CNN learns the dense targets first, then the tower learns them and reproduces its
     features: both stages' losses fall, the teacher's figures are recorded, and the checkpoint keeps the family's
@@ -145,9 +166,10 @@ def test_teacher_features_are_distilled_into_the_tower(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     built = build_pointing_backbone(tmp_path / "ckpt", family="paligemma", steps=60, teacher_steps=40, corpus_size=64,
                                     eval_size=8, batch_size=8, scene_size=32, tracking_uri=uri, use_shipped=False,
-                                    **SMALL)
+                                    distill_subcells=2, **SMALL)
     record = json.loads((built / RECORD_FILE).read_text())
     assert 0 < record["teacher_error"] < 1.5 and "--tiny teacher_steps=40" in record["command"]
+    assert record["params"]["distill_subcells"] == 2 and "--tiny distill_subcells=2" in record["command"]
     fresh = FAMILIES["paligemma"].from_pretrained(tiny_writer("paligemma")(tmp_path / "fresh", **SMALL)).model
     loaded = FAMILIES["paligemma"].from_pretrained(built).model
     assert {n: p.shape for n, p in loaded.state_dict().items()} == {n: p.shape for n, p in fresh.state_dict().items()}

@@ -140,31 +140,55 @@ class ConvPointingTeacher(nn.Module):
 
     def __init__(self, grid: int, image_size: int, width: int = 128, channels: tuple[int, ...] = (32, 64, 128)):
         super().__init__()
-        layers, previous, size = [], 3, image_size
+        stages, previous, size = [], 3, image_size
         for out in (*channels, width):
             stride = 2 if size // 2 >= grid else 1  # halve down to the grid (128 px -> 8 cells: four times)
             size = -(-size // stride)
-            layers += [nn.Conv2d(previous, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(),
-                       nn.Conv2d(out, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            stages.append(nn.Sequential(
+                nn.Conv2d(previous, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(),
+                nn.Conv2d(out, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()))
             previous = out
-        self.body, self.grid, self.width = nn.Sequential(*layers), grid, width
+        self.body, self.grid, self.width = nn.Sequential(*stages), grid, width
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, grid * grid, width), row-major like the tower
         return F.adaptive_avg_pool2d(self.body(pixels), self.grid).flatten(2).transpose(1, 2)
 
+    def subcell_features(self, pixels: torch.Tensor, subcells: int) -> torch.Tensor:
+        """(B, grid * grid, C * subcells**2): for every cell, the feature map of its `subcells` x `subcells`
+        sub-cells (channel-major), read from the last stage at least that fine (128 px, grid 8, 2 sub-cells: the
+        third stage's 16x16 map). Row-major cells like `forward`."""
+        fine, finest, out = self.grid * subcells, None, pixels
+        for stage in self.body:
+            out = stage(out)
+            if out.shape[-1] >= fine:
+                finest = out
+        if finest is None:
+            raise ValueError(f"no stage of the teacher is {fine} cells wide ({subcells} sub-cells per cell of "
+                             f"{self.grid}); the image is too small for that")
+        maps = F.adaptive_avg_pool2d(finest, fine)
+        batch, width, g, s = maps.shape[0], maps.shape[1], self.grid, subcells
+        return maps.reshape(batch, width, g, s, g, s).permute(0, 2, 4, 1, 3, 5).reshape(batch, g * g, width * s * s)
+
 
 class FeatureDistillation(nn.Module):
     """`weight` x the mean squared error between a linear map of the tower's patch features and the teacher's
-    features of the same scenes (computed once for the whole corpus, standardised so every channel counts)."""
+    features of the same scenes (computed once for the whole corpus, standardised so every channel counts), summed
+    over the teacher's feature sets: per cell, and optionally each cell's sub-cells.
 
-    def __init__(self, teacher_features: torch.Tensor, width: int, weight: float):
+    The sub-cells carry what lies where inside a patch. A USB stick 6 to 10 px long sits inside one 16 px patch;
+    matching the per-cell features alone left the tower missing it on a fifth of the scenes where the teacher never
+    does, and adding the 2x2 sub-cells lowered the dense error after 3000 steps from 0.078 to 0.060 (learning
+    log, session 10)."""
+
+    def __init__(self, teacher_features: list[torch.Tensor], width: int, weight: float):
         super().__init__()
-        mean, std = teacher_features.mean((0, 1)), teacher_features.std((0, 1)) + 1e-3
-        self.register_buffer("targets", (teacher_features - mean) / std, persistent=False)
-        self.adapter, self.weight = nn.Linear(width, teacher_features.shape[-1]), weight
+        self.targets = [(f - f.mean((0, 1))) / (f.std((0, 1)) + 1e-3) for f in teacher_features]
+        self.adapters = nn.ModuleList(nn.Linear(width, f.shape[-1]) for f in teacher_features)
+        self.weight = weight
 
     def forward(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.mse_loss(self.adapter(tokens), self.targets[rows])
+        return self.weight * sum(F.mse_loss(adapter(tokens), targets[rows])
+                                 for adapter, targets in zip(self.adapters, self.targets))
 
 
 def _pixels(backbone, scenes: list[Scene], chunk: int = 512) -> torch.Tensor:
@@ -319,12 +343,14 @@ def build_pointing_backbone(
     task_conditioned: bool = True,
     teacher_steps: int = 0,
     distill_weight: float = 10.0,
+    distill_subcells: int = 1,
     use_shipped: bool = True,
     **tiny_config,
 ) -> Path:
     """Write a tiny `family` checkpoint to `out_dir` after `steps` of dense pointing pre-training of its vision
     tower, then `text_steps` of 'point to the <object>' training of the language model. With `teacher_steps`, a
-    `ConvPointingTeacher` is trained first and the tower also learns to reproduce its features (`distill_weight`).
+    `ConvPointingTeacher` is trained first and the tower also learns to reproduce its features (`distill_weight`),
+    with `distill_subcells` > 1 also those of each cell's sub-cells.
     `tiny_config` goes to the family's writer (image and patch size, widths, layers, ...). With `use_shipped`, a
     shipped checkpoint of the same name built with exactly these settings is copied instead."""
     from affordvla.backbones.factory import FAMILIES
@@ -335,6 +361,8 @@ def build_pointing_backbone(
               "text_lr": text_lr, "text_tower_lr": text_tower_lr, "task_conditioned": task_conditioned, **tiny_config}
     if teacher_steps > 0:  # recorded only when used, so records written before the teacher existed still match
         recipe.update(teacher_steps=teacher_steps, distill_weight=distill_weight)
+        if distill_subcells > 1:  # likewise: records of per-cell distillation alone still match
+            recipe.update(distill_subcells=distill_subcells)
     shipped = shipped_checkpoint(out_dir.name) if use_shipped else None
     record = json.loads((shipped / RECORD_FILE).read_text()) if shipped else None
     if record and record["params"] != recipe:  # the name records only part of the recipe
@@ -375,7 +403,10 @@ def build_pointing_backbone(
         log.info("teacher pointing pre-training: held-out keypoint error %.4f after %d steps", teacher_error,
                  teacher_steps)
         with torch.no_grad():
-            taught = torch.cat([teacher(pixels[i : i + 512]) for i in range(0, len(pixels), 512)])
+            taught = [torch.cat([teacher(pixels[i : i + 512]) for i in range(0, len(pixels), 512)])]
+            if distill_subcells > 1:
+                taught.append(torch.cat([teacher.subcell_features(pixels[i : i + 512], distill_subcells)
+                                         for i in range(0, len(pixels), 512)]))
         distillation = FeatureDistillation(taught, width, distill_weight)
     head = DensePointingHead(width, eval_truth.shape[1], grid, num_tasks=num_tasks)
     tower = backbone.parameter_parts()["vision_tower"]
