@@ -7,9 +7,10 @@ on procedural tabletop scenes (a seed stream disjoint from every dataset split) 
 features its projector reads (`VLMBackbone.vision_patch_features`): which object it shows (segmentation), which
 patch holds each kind of keypoint and where (a heatmap, plus each patch's vote for where every keypoint lies
 relative to it). Optionally a small CNN learns the same targets first (in minutes, where the tower needs much
-longer) and the tower also learns to reproduce its per-patch features. The temporary heads are discarded; the
-checkpoint keeps the family's exact layout. The stage is an MLflow run of its own, so the "pretrained" checkpoint
-is as traceable as any fine-tuning run.
+longer) and the tower also learns to reproduce its per-patch features (and, with `distill_subcells`, those of each
+patch's sub-cells: what lies where inside a patch). The temporary heads are discarded; the checkpoint keeps the
+family's exact layout. The stage is an MLflow run of its own, so the "pretrained" checkpoint is as traceable as
+any fine-tuning run.
 """
 
 from __future__ import annotations
