@@ -73,7 +73,7 @@ class ActionWindowDataModule(L.LightningDataModule):
         # RLBench: the task folders of each split to read; None = all of them
         self.tasks = None if tasks is None else [str(t) for t in tasks]
         # settings of a generated dataset written to `root` on first use: CALVIN's format by data/toy_actions.py,
-        # RLBench's by data/toy_rlbench.py (one folder per task of `tasks`)
+        # RLBench's by data/toy_rlbench.py (one folder per task of `tasks`), OXE's bridge by data/toy_oxe.py
         self.generate = dict(generate) if generate else None
         self.splits: dict[str, Dataset] = {}
         self.statistics: dict[str, Any] | None = None
@@ -156,9 +156,11 @@ class ActionWindowDataModule(L.LightningDataModule):
             per_split = {"train": settings.pop("train_episodes", 4), "val": settings.pop("val_episodes", 2)}
             write_toy_rlbench(self.root, self.tasks or [],
                               splits={self.split_names[k]: n for k, n in per_split.items()}, **settings)
-        else:
-            raise ValueError(f"no generator writes {self.source} data; give `root` a dataset on disk and "
-                             "generate=null")
+        else:  # oxe, in bridge's layout: the standardisation that dataset.name selects
+            from affordvla.data.toy_actions import ToyActionSettings
+            from affordvla.data.toy_oxe import write_toy_bridge
+
+            write_toy_bridge(self.root, ToyActionSettings(**self.generate), name=self.name)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
