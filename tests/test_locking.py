@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from affordvla.locking import LockTimeout, exclusive
+from affordvla.locking import LockTimeout, exclusive, write_once
 
 BUILD_ONCE = """
 import sys, time
@@ -49,3 +49,26 @@ def test_a_held_lock_times_out_with_the_holder_named(tmp_path):
         holder.wait()
     with exclusive(target, timeout=5):  # a killed holder leaves nothing held
         pass
+
+
+def test_write_once_writes_then_reuses_until_the_record_changes(tmp_path):
+    """The generators' 'write it unless a complete one of these settings is there': the record goes in last, so a
+    write that fails leaves nothing to reuse."""
+    root, calls = tmp_path / "data", []
+
+    def write():
+        calls.append(1)
+        (root / "payload").parent.mkdir(parents=True, exist_ok=True)
+        (root / "payload").write_text(str(len(calls)))
+
+    assert write_once(root, "done.json", {"seed": 0}, write) is True
+    assert write_once(root, "done.json", {"seed": 0}, write) is False and len(calls) == 1
+    assert (root / "done.json").read_text() == '{"seed": 0}'
+    assert write_once(root, "done.json", {"seed": 1}, write) is True and (root / "payload").read_text() == "2"
+
+    def fail():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_once(tmp_path / "broken", "done.json", {"seed": 0}, fail)
+    assert not (tmp_path / "broken" / "done.json").exists()

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,3 +53,18 @@ def exclusive(target: str | Path, *, timeout: float | None = None, poll: float =
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_once(root: str | Path, marker_name: str, recorded: dict, write: Callable[[], None]) -> bool:
+    """Call `write()` (which fills `root`) unless `root/marker_name` already records exactly `recorded`, then write
+    that record, last, so a half-written result is never reused. Under `exclusive(root)`: parallel jobs of a sweep
+    wait for the first and reuse its result. True when this call wrote."""
+    root = Path(root)
+    marker = root / marker_name
+    with exclusive(root):
+        if marker.is_file() and json.loads(marker.read_text()) == recorded:
+            return False
+        write()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(recorded))
+        return True

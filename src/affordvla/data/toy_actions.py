@@ -13,7 +13,6 @@ Written as a real CALVIN split (`episode_XXXXXXX.npz` per frame, `ep_start_end_i
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from affordvla.data.calvin import save_frame, write_split_index
-from affordvla.locking import exclusive
+from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 MAX_STEP = 0.1  # table units moved per step at full action
 FULL_SPEED_DISTANCE = 0.5  # a proportional controller: the xy action is offset / 0.5, saturating at +-1
 GRASP_DISTANCE = 0.025
+GRIPPER_OPEN_WIDTH = 0.08  # robot_obs[6] of an open gripper (metres, as CALVIN's Franka)
 START_HEIGHT = 0.3  # the gripper's height at the start of an episode (also the height it grasps from)
 STATIC_SIZE, GRIPPER_SIZE = 200, 84
 DONE_MARKER = "toy_actions.json"
@@ -133,7 +133,7 @@ def robot_state(ee: np.ndarray, z: float, closed: bool) -> np.ndarray:
     """CALVIN's robot_obs layout (15): tcp xyz, euler (0), gripper width, 7 joints (0), gripper action."""
     robot_obs = np.zeros(15)
     robot_obs[:3] = (ee[0], ee[1], z)
-    robot_obs[6] = 0.0 if closed else 0.08
+    robot_obs[6] = 0.0 if closed else GRIPPER_OPEN_WIDTH
     robot_obs[14] = -1.0 if closed else 1.0
     return robot_obs
 
@@ -161,13 +161,9 @@ def generate_episode(rng: np.random.Generator, length: int, distractors: int) ->
 def write_toy_actions(root: str | Path, settings: ToyActionSettings = ToyActionSettings()) -> Path:
     """Write `training/` and `validation/` CALVIN splits under `root` (seeded; reused once complete)."""
     root = Path(root)
-    marker = root / DONE_MARKER
     recorded = {**asdict(settings), "version": GENERATOR_VERSION}
-    with exclusive(root):  # parallel jobs of a sweep: the first generates, the others wait and reuse it
-        if not (marker.is_file() and json.loads(marker.read_text()) == recorded):
-            _write_splits(root, settings)
-            marker.write_text(json.dumps(recorded))  # last: a half-written dataset is never reused
-            log.info("wrote the toy action dataset to %s", root)
+    if write_once(root, DONE_MARKER, recorded, lambda: _write_splits(root, settings)):
+        log.info("wrote the toy action dataset to %s", root)
     return root
 
 

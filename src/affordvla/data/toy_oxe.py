@@ -10,7 +10,6 @@ command; the rotation entries are zero, as the toy's are."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from affordvla.data.oxe import write_rlds_dataset
-from affordvla.data.toy_actions import GENERATOR_VERSION, ToyActionSettings, generate_episode
-from affordvla.locking import exclusive
+from affordvla.data.toy_actions import GENERATOR_VERSION, GRIPPER_OPEN_WIDTH, ToyActionSettings, generate_episode
+from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)
 DONE_MARKER = "toy_oxe.json"
@@ -38,7 +37,7 @@ def bridge_episode(frames: list[dict], instruction: str, index: int) -> dict:
     count = len(frames)
     state = np.zeros((count, 7), np.float32)
     state[:, :3] = [frame["robot_obs"][:3] for frame in frames]
-    state[:, 6] = [frame["robot_obs"][6] / 0.08 for frame in frames]  # gripper opening, 1 = open
+    state[:, 6] = [frame["robot_obs"][6] / GRIPPER_OPEN_WIDTH for frame in frames]  # gripper opening, 1 = open
     action = np.zeros((count, 7), np.float32)
     action[:-1, :3] = state[1:, :3] - state[:-1, :3]  # what was commanded, as the robot then moved
     action[:, 6] = [1.0 if frame["rel_actions"][6] > 0 else 0.0 for frame in frames]
@@ -54,25 +53,24 @@ def bridge_episode(frames: list[dict], instruction: str, index: int) -> dict:
     }
 
 
-def write_toy_bridge(root: str | Path, settings: ToyActionSettings = ToyActionSettings(), name: str = "bridge_orig",
+def write_toy_bridge(root: str | Path, settings: ToyActionSettings | None = None, name: str = "bridge_orig",
                      shards: int = 2) -> Path:
     """Write `train` and `val` splits of toy episodes as the RLDS dataset `root/name/1.0.0` (seeded; reused once
     complete). Returns that folder."""
     if name not in BRIDGE_NAMES:
         raise ValueError(f"the toy episodes are written in bridge's layout only; got dataset name {name!r}, "
                          f"valid: {list(BRIDGE_NAMES)}")
-    root = Path(root)
-    marker = root / DONE_MARKER
+    root, settings = Path(root), settings or ToyActionSettings()
+
+    def write() -> None:
+        episodes = {}
+        for split, count, offset in (("train", settings.train_episodes, 0), ("val", settings.val_episodes, 1)):
+            rng = np.random.default_rng([settings.seed, offset])
+            episodes[split] = [bridge_episode(*generate_episode(rng, settings.episode_length, settings.distractors)[:2],
+                                              index) for index in range(count)]
+        write_rlds_dataset(root, name, episodes, shards=shards)
+
     recorded = {**asdict(settings), "name": name, "shards": shards, "version": GENERATOR_VERSION}
-    with exclusive(root):  # parallel jobs of a sweep: the first generates, the others wait and reuse it
-        if not (marker.is_file() and json.loads(marker.read_text()) == recorded):
-            episodes = {}
-            for split, count, offset in (("train", settings.train_episodes, 0), ("val", settings.val_episodes, 1)):
-                rng = np.random.default_rng([settings.seed, offset])
-                episodes[split] = [bridge_episode(*generate_episode(rng, settings.episode_length,
-                                                                    settings.distractors)[:2], index)
-                                   for index in range(count)]
-            write_rlds_dataset(root, name, episodes, shards=shards)
-            marker.write_text(json.dumps(recorded))  # last: a half-written dataset is never reused
-            log.info("wrote the toy %s dataset to %s", name, root)
+    if write_once(root, DONE_MARKER, recorded, write):
+        log.info("wrote the toy %s dataset to %s", name, root)
     return root / name / "1.0.0"
