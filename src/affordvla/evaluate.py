@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from affordvla.cli import console_command
+
 log = logging.getLogger(__name__)
 
 
@@ -220,6 +222,7 @@ def log_to_run(run_id: str, tracking_uri: str, metrics: dict[str, float], files:
         client.log_artifact(run_id, str(path), "rollout")
 
 
+@console_command("affordvla-eval")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="affordvla-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the metrics JSON here")

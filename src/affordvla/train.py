@@ -22,6 +22,7 @@ import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
 from affordvla.backbones.finetuning import export_backbone
 from affordvla.callbacks import StopAfterSteps, log_artifact
 from affordvla.checkpointing import SafetensorsCheckpointIO
+from affordvla.cli import failures_reported
 from affordvla.distributed import (
     check_launch_under_hydra,
     check_resumable,
@@ -208,7 +209,8 @@ def _close_mlflow_runs() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run(cfg)
+    with failures_reported("affordvla-train"):
+        return run(cfg)
 
 
 if __name__ == "__main__":

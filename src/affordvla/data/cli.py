@@ -17,6 +17,7 @@ import sys
 
 from affordvla.data.kalie import ON_ERROR_CHOICES
 from affordvla.data.kalie_hdf5 import hdf5_to_json
+from affordvla.cli import console_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +81,7 @@ def _convert(args) -> dict[str, int]:
                    source=f"{args.source}/{args.name}:{args.split}", source_format="oxe")
 
 
+@console_command("affordvla-data")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
+from affordvla.cli import failures_reported
 
 log = logging.getLogger("affordvla.synthesize")
 CONFIG_DIR = os.environ.get("AFFORDVLA_CONFIG_DIR", str(Path(__file__).resolve().parents[3] / "conf"))
@@ -39,8 +40,9 @@ def synthesize(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="synthesize")
 def main(cfg: DictConfig) -> None:
-    OmegaConf.resolve(cfg)
-    synthesize(cfg)
+    with failures_reported("affordvla-synthesize"):
+        OmegaConf.resolve(cfg)
+        synthesize(cfg)
 
 
 if __name__ == "__main__":

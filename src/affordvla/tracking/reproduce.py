@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from affordvla.tracking.runs import default_tracking_uri
+from affordvla.cli import console_command
 
 TIMING_SUFFIXES = ("_seconds", "_per_s", "_time")  # wall-clock figures: never reproducible, never compared
 
@@ -284,6 +285,7 @@ def reproduce(run_id: str, *, tracking_uri: str | None = None, target_uri: str |
     return report
 
 
+@console_command("affordvla-reproduce")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="affordvla-reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_id")

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from affordvla.tracking.runs import TABLES_EXPERIMENT, default_tracking_uri, latest_run
+from affordvla.cli import console_command
 
 SPEC_NAME = "table.yaml"
 TOP_KEYS = {"title", "source", "notes", "smoke_overrides", "columns", "rows"}
@@ -500,6 +501,7 @@ def _project_root() -> str:
     return project_root()
 
 
+@console_command("affordvla-table")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="affordvla-table", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="experiment folder holding table.yaml (e.g. experiments/kalie_table1)")

@@ -38,6 +38,7 @@ from affordvla.backbones.llava.tiny import (
     CLIP_STD,
     IMAGE_TOKEN,
 )
+from affordvla.cli import console_command
 
 ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
 _NOT_LLAMA = ("architectures", "model_type", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
@@ -162,6 +163,7 @@ def write_converted(src: str | Path, out: str | Path, vision_tower: str | Path |
     return out
 
 
+@console_command("affordvla-convert-llava")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="affordvla-convert-llava",
                                      description="Convert an original-LLaVA / RoboPoint checkpoint to transformers' "
