@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +26,38 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Learning assertions: float results differ between CPUs (kernels, reduction order), so a test that a model
+# learned must sit far from its threshold on any machine. `assert_learned` is the one way such a test asserts;
+# with AFFORDVLA_MARGIN_LOG set it also appends each observation to that JSONL file, and with
+# AFFORDVLA_TEST_SEED_OFFSET every torch.manual_seed call is shifted, so the margins can be measured over seeds
+# and thread counts (docs/test-margins.md records them and the command).
+MARGIN_LOG = os.environ.get("AFFORDVLA_MARGIN_LOG")
+SEED_OFFSET = int(os.environ.get("AFFORDVLA_TEST_SEED_OFFSET", "0"))
+
+
+def assert_learned(name: str, observed: float, limit: float, detail: object = None) -> None:
+    """Assert `observed < limit` for the learning check `name` (a ratio of losses, an error, ...)."""
+    if MARGIN_LOG:
+        with open(MARGIN_LOG, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"name": name, "observed": float(observed), "limit": float(limit),
+                                  "seed_offset": SEED_OFFSET, "threads": torch.get_num_threads()}) + "\n")
+    assert observed < limit, (name, float(observed), limit, detail)
+
+
+def fell_by(values: list[float], window: int = 1) -> float:
+    """The mean of the last `window` values over the first value: how far a loss fell (below 1 is down)."""
+    return float(sum(values[-window:]) / window / values[0])
+
+
+if SEED_OFFSET:
+    _manual_seed = torch.manual_seed
+
+    def _shifted_seed(seed):
+        return _manual_seed(int(seed) + SEED_OFFSET)
+
+    torch.manual_seed = _shifted_seed
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import keypoint_head_and_batch, overfit_keypoint_batch
+from conftest import assert_learned, fell_by, keypoint_head_and_batch, overfit_keypoint_batch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -348,7 +348,7 @@ def test_cogvlm_overfits_a_batch_with_the_keypoint_head(backbone):
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=3e-3)
     backbone.train()
     losses = overfit_keypoint_batch(backbone, head, batch, optimizer, steps=120)
-    assert losses[-1] < losses[0] / 20, losses[::10]
+    assert_learned("overfit/cogvlm", fell_by(losses), 1 / 20, losses[::10])
     backbone.eval()
     texts, points = head.predict(backbone, batch["pixel_values"][:2], samples[:2])
     assert texts == [head.target_text(s) for s in samples[:2]]  # greedy decoding reproduces the fitted answers

@@ -15,6 +15,7 @@ from affordvla.data.sample import KeypointSample
 from affordvla.data.tabletop import make_scenes
 from affordvla.heads.keypoint_regression import KeypointRegressionHead
 from affordvla.module import AffordVLAModule, KeypointRegressionModule
+from conftest import assert_learned, fell_by
 
 TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "vision_layers": 1, "text_layers": 1,
         "intermediate_size": 128}
@@ -58,7 +59,7 @@ def test_regression_learns_a_fixed_batch(tiny_backbones):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.3 * losses[0], losses[::10]
+    assert_learned("overfit/keypoint_regression", fell_by(losses), 0.3, losses[::10])
     predicted = module._predict_batch(batch).detach()
     assert predicted.shape == (4, 5, 2) and predicted.min() >= 0 and predicted.max() <= 1
 

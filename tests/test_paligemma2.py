@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import keypoint_head_and_batch, overfit_keypoint_batch
+from conftest import assert_learned, fell_by, keypoint_head_and_batch, overfit_keypoint_batch
 from transformers import PaliGemmaForConditionalGeneration
 
 from affordvla.backbones.factory import load_backbone
@@ -65,7 +65,7 @@ def test_paligemma2_overfits_a_batch_with_the_keypoint_head(paligemma2_dir):
     head, samples, batch = keypoint_head_and_batch(backbone, codec="paligemma_loc")
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=3e-3)
     losses = overfit_keypoint_batch(backbone, head, batch, optimizer, steps=150)
-    assert losses[-1] < losses[0] / 20, losses[::10]
+    assert_learned("overfit/paligemma2", fell_by(losses), 1 / 20, losses[::10])
     backbone.eval()
     texts, points = head.predict(backbone, batch["pixel_values"][:2], samples[:2])
     assert texts == [head.target_text(s) for s in samples[:2]]
@@ -78,7 +78,7 @@ def test_merged_lora_export_loads_in_plain_transformers(paligemma2_dir, tmp_path
     head, _, batch = keypoint_head_and_batch(backbone, codec="paligemma_loc")
     optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad], lr=1e-2)
     losses = overfit_keypoint_batch(backbone, head, batch, optimizer, steps=5)
-    assert losses[-1] < losses[0]  # the adapters moved the model
+    assert_learned("overfit/paligemma2_lora_5_steps", fell_by(losses), 1.0, losses)  # the adapters moved it
     backbone.eval()
     pixels, inputs = batch["pixel_values"], batch["inputs"]
     with torch.no_grad():

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
+from conftest import assert_learned, compose_train, fell_by
 
 from affordvla.backbones.factory import load_backbone
 from affordvla.data.action_datamodule import (
@@ -202,7 +202,7 @@ def test_export_round_trip_gives_identical_actions(toy_root, tiny_backbone_dir, 
 # --- learning ------------------------------------------------------------------------------------------------
 
 
-def _assert_loss_falls_20x(module: ActionPolicyModule, batch, steps: int) -> None:
+def _assert_loss_falls_20x(name: str, module: ActionPolicyModule, batch, steps: int) -> None:
     optimizer = module.configure_optimizers()
     losses = []
     for _ in range(steps):
@@ -211,7 +211,7 @@ def _assert_loss_falls_20x(module: ActionPolicyModule, batch, steps: int) -> Non
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] / 20, [round(v, 4) for v in losses[::10]]
+    assert_learned(f"overfit/{name}", fell_by(losses), 1 / 20, [round(v, 4) for v in losses[::10]])
 
 
 @pytest.mark.parametrize("name", ["mlp", "lstm", "gpt"])
@@ -219,7 +219,7 @@ def test_continuous_heads_overfit_a_fixed_batch(name, toy_root, tiny_backbone_di
     dm = _datamodule(toy_root, window=2)
     module = _module(tiny_backbone_dir, dm, functools.partial(HEADS[name], hidden_size=64))
     batch = _batch(dm)
-    _assert_loss_falls_20x(module, batch, steps=150)
+    _assert_loss_falls_20x(name, module, batch, steps=150)
 
 
 @pytest.mark.parametrize("kind", ["discrete", "text_actions"])
@@ -228,12 +228,12 @@ def test_language_heads_overfit_a_fixed_batch(kind, toy_root, tiny_backbone_dir)
     head = DiscreteActionHead(bins=256) if kind == "discrete" else TextActionHead(history_steps=1, state_dims=3)
     module = _module(tiny_backbone_dir, dm, head)
     batch = _batch(dm)
-    _assert_loss_falls_20x(module, batch, steps=150)
+    _assert_loss_falls_20x(kind, module, batch, steps=150)
     predicted, target, mask = module.predict_first_actions(batch)
     assert predicted.shape == target.shape == (4, 7) and mask.all()
     assert getattr(head, "n_failed", 0) == 0  # every greedy answer parsed
     # mostly memorised (a tiny model may still miss a digit of one sample)
-    assert np.abs(predicted - target).mean() < 0.1, (predicted, target)
+    assert_learned(f"overfit/{kind}/action_error", np.abs(predicted - target).mean(), 0.1, (predicted, target))
     if kind == "discrete":  # the mean bin centre of a confident model is its argmax bin's, within a bin or two
         head.decoding = "expectation"
         expected, _, _ = module.predict_first_actions(batch)
