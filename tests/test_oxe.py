@@ -120,7 +120,9 @@ def oxe_root(tmp_path_factory):
 
 def test_gripper_conversions():
     np.testing.assert_array_equal(binarize_gripper(np.array([1.0, 0.97, 0.5, 0.02, 0.6, 0.99])), [1, 1, 0, 0, 1, 1])
-    np.testing.assert_array_equal(binarize_gripper(np.array([0.5, 0.5])), [0, 0])
+    # a trailing run of in-between values keeps the last raw value: OpenVLA's reverse scan starts from it
+    np.testing.assert_array_equal(binarize_gripper(np.array([0.5, 0.5])), [0.5, 0.5])
+    np.testing.assert_array_equal(binarize_gripper(np.array([0.02, 0.5, 0.7])), [0, 0.7, 0.7])
     # +1 closes, -1 opens; before the first command the gripper is in the opposite state
     np.testing.assert_array_equal(relative_to_absolute_gripper(np.array([0.0, 1.0, 0.0, -1.0])), [1, 0, 0, 1])
     np.testing.assert_array_equal(relative_to_absolute_gripper(np.array([0.0, -1.0, 0.0])), [0, 1, 1])
