@@ -80,8 +80,8 @@ def _gripper_values(rule: str, rng: np.random.Generator, count: int) -> np.ndarr
     """Gripper values as a dataset of this convention stores them."""
     if rule == "rel2abs":  # mostly "keep", a few close (+1) / open (-1) commands
         return rng.choice([-1.0, 0.0, 0.0, 0.0, 1.0], count)
-    if rule == "binarize":  # continuous openness with some in-between values
-        return rng.choice([0.0, 0.02, 0.5, 0.97, 1.0], count)
+    if rule == "binarize":  # continuous openness with some in-between values, ending decided
+        return np.append(rng.choice([0.0, 0.02, 0.5, 0.97, 1.0], count - 1), rng.choice([0.0, 1.0]))
     if rule in ("clip", "invert_clip"):
         return rng.choice([-1.0, 1.0], count)
     return rng.choice([0.0, 1.0], count)
