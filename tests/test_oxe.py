@@ -228,13 +228,15 @@ def test_nan_actions_and_broken_episodes_raise_or_are_counted(tmp_path):
     short["steps/action/rotation_delta"] = short["steps/action/rotation_delta"][:-1]
     write_rlds_dataset(tmp_path, "fractal20220817_data", {"val": [bad, short, _fractal_episode(2)]}, shards=1)
     data = RLDSDataset.open(tmp_path, "fractal20220817_data")
-    with pytest.raises(OXEFormatError, match=r"00000-of-00001, record 0: dataset fractal20220817_data: NaN or infinite actions at steps \[1\]"):
+    with pytest.raises(OXEFormatError, match=r"00000-of-00001, record 0: dataset fractal20220817_data: NaN or "
+                                             r"infinite actions at steps \[1\]"):
         list(data.episodes("val"))
     skipped = []
     kept = list(data.episodes("val", on_error="skip", skipped=skipped))
     assert len(kept) == 1 and [w.split(", ")[-1] for w in skipped] == ["record 0", "record 1"]
     write_rlds_dataset(tmp_path / "short", "fractal20220817_data", {"val": [short]}, shards=1)
-    with pytest.raises(OXEFormatError, match=r"record 0: dataset fractal20220817_data: steps/action/rotation_delta has 11 values, expected 4 steps"):
+    with pytest.raises(OXEFormatError, match=r"record 0: dataset fractal20220817_data: steps/action/rotation_delta "
+                                             r"has 11 values, expected 4 steps"):
         list(RLDSDataset.open(tmp_path / "short", "fractal20220817_data").episodes("val"))
 
 

@@ -21,11 +21,13 @@ def test_every_dataset_of_the_mixtures_has_a_standardisation():
 def test_unknown_dataset_fails_when_the_config_is_instantiated(tmp_path):
     from conftest import compose_train
 
-    cfg = compose_train(["experiment=toy_actions_mlp", "dataset=oxe_mixture", "logger=none", f"paths.root_dir={tmp_path}",
+    cfg = compose_train(["experiment=toy_actions_mlp", "dataset=oxe_mixture", "logger=none",
+                         f"paths.root_dir={tmp_path}",
                          f"dataset.root={tmp_path}/nothing_here",
                          "dataset.mixture=[[bridge_orig,1.0],[nyu_door_opening_surprising_effectiveness,1.0]]"],
                         tmp_path / "run")
-    with pytest.raises(InstantiationException, match=r"\['nyu_door_opening_surprising_effectiveness'\] have no standardisation"):
+    with pytest.raises(InstantiationException,
+                       match=r"\['nyu_door_opening_surprising_effectiveness'\] \(data root .*nothing_here\) have no"):
         instantiate(cfg.dataset)
     assert not (tmp_path / "nothing_here").exists()  # nothing read or written before the error
 

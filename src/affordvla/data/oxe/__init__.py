@@ -8,7 +8,13 @@
 - datamodule: a mixture for training through per-dataset HDF5 caches.
 """
 
-from affordvla.data.oxe.rlds import TRAIN_FRACTION_WITHOUT_VAL, RLDSDataset, features_json, read_features, write_rlds_dataset
+from affordvla.data.oxe.rlds import (
+    TRAIN_FRACTION_WITHOUT_VAL,
+    RLDSDataset,
+    features_json,
+    read_features,
+    write_rlds_dataset,
+)
 from affordvla.data.oxe.specs import MIXTURES, SPECS, DatasetSpec, Feature, Slice, resolve_mixture
 from affordvla.data.oxe.stream import OXEMixtureStream, episode_windows, mixture_weights, stream_mixture
 from affordvla.data.oxe.transforms import (

@@ -67,7 +67,8 @@ class OXEMixtureDataModule(ActionWindowDataModule):
                  num_workers: int = 0, seed: int = 0, cameras: tuple[str, ...] = ("primary",), image_size: int = 224,
                  skip_unlabeled: bool = True, balance_weights: bool = True, generate: dict | None = None,
                  source: str = "oxe_mixture"):
-        self.entries = resolve_mixture(list(mixture) if not isinstance(mixture, str) else mixture)
+        self.entries = resolve_mixture(list(mixture) if not isinstance(mixture, str) else mixture,
+                                       where=f"data root {root}")
         if source != "oxe_mixture":
             raise ValueError(f"OXEMixtureDataModule reads source 'oxe_mixture', got {source!r}")
         if not cache_dir:
@@ -120,7 +121,8 @@ class OXEMixtureDataModule(ActionWindowDataModule):
 
     def _action_statistics(self) -> dict[str, Any]:
         self.dataset_statistics = {
-            name: RLDSDataset.open(self.root, name).action_statistics(self.cache_dir, skip_unlabeled=self.skip_unlabeled)
+            name: RLDSDataset.open(self.root, name).action_statistics(self.cache_dir,
+                                                                      skip_unlabeled=self.skip_unlabeled)
             for name, _ in self.entries}
         import h5py
 

@@ -29,9 +29,10 @@ TRAIN_FRACTION_WITHOUT_VAL = 0.95  # datasets without a "val" split: train[:95%]
 SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
 
-def spec_for(folder: str) -> DatasetSpec:
+def spec_for(folder: str, where: Path | str = "") -> DatasetSpec:
     if folder not in SPECS:
-        raise OXEFormatError(f"dataset {folder!r} has no standardisation; known datasets: {sorted(SPECS)}")
+        raise OXEFormatError(f"dataset {folder!r}{' (' + str(where) + ')' if where else ''} has no standardisation; "
+                             f"known datasets: {sorted(SPECS)}")
     return SPECS[folder]
 
 
@@ -75,8 +76,8 @@ class RLDSDataset:
 
     @classmethod
     def open(cls, root: str | Path, name: str, version: str | None = None) -> RLDSDataset:
-        spec = spec_for(name)
         base = Path(root) / name
+        spec = spec_for(name, base)
         if not base.is_dir():
             raise OXEFormatError(f"dataset {name}: RLDS folder {base} does not exist")
         if version is None:
@@ -93,7 +94,8 @@ class RLDSDataset:
         except FileNotFoundError:
             raise OXEFormatError(f"dataset {name}: {info_path} does not exist") from None
         except json.JSONDecodeError as exc:
-            raise OXEFormatError(f"dataset {name}: {info_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise OXEFormatError(f"dataset {name}: {info_path}: invalid JSON ({exc.msg} at line "
+                                 f"{exc.lineno})") from None
         features = read_features(path / "features.json")
         missing = [f"steps/{k}" for k in spec.required_keys() if f"steps/{k}" not in features]
         if missing:

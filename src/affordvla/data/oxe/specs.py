@@ -239,9 +239,9 @@ MIXTURES: dict[str, list[tuple[str, float]]] = {
 }
 
 
-def resolve_mixture(mixture: str | list) -> list[tuple[str, float]]:
+def resolve_mixture(mixture: str | list, where: str = "") -> list[tuple[str, float]]:
     """A mixture name or an explicit [(dataset, weight), ...] list -> entries, every dataset checked to have a
-    standardisation (ValueError naming the ones that do not)."""
+    standardisation (ValueError naming the ones that do not, and `where` the mixture is read from)."""
     if isinstance(mixture, str):
         if mixture not in MIXTURES:
             raise ValueError(f"unknown mixture {mixture!r}; valid: {sorted(MIXTURES)}")
@@ -253,7 +253,8 @@ def resolve_mixture(mixture: str | list) -> list[tuple[str, float]]:
             entries.append((str(name), float(weight)))
     unknown = [name for name, _ in entries if name not in SPECS]
     if unknown:
-        raise ValueError(f"mixture datasets {unknown} have no standardisation; known datasets: {sorted(SPECS)}")
+        raise ValueError(f"mixture datasets {unknown}{' (' + where + ')' if where else ''} have no standardisation; "
+                         f"known datasets: {sorted(SPECS)}")
     bad = [(name, w) for name, w in entries if not w > 0]
     if bad or not entries:
         raise ValueError(f"mixture weights must be positive and the mixture non-empty; got {bad or entries}")

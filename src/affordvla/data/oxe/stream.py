@@ -35,13 +35,15 @@ def episode_windows(episode: Episode, window_size: int, chunk_size: int) -> Iter
         )
 
 
-def mixture_weights(mixture: str | list, available: set[str], *, allow_missing: bool = False) -> dict[str, float]:
+def mixture_weights(mixture: str | list, available: set[str], *, allow_missing: bool = False,
+                    where: str = "") -> dict[str, float]:
     """Normalised sampling weights of the mixture's datasets. A dataset absent from `available` is an error
     naming it, unless `allow_missing` (then it is left out with a warning)."""
-    entries = resolve_mixture(mixture)
+    entries = resolve_mixture(mixture, where=where)
     missing = [name for name, _ in entries if name not in available]
     if missing and not allow_missing:
-        raise OXEFormatError(f"mixture datasets {missing} are not under the data root (found {sorted(available)[:10]})")
+        raise OXEFormatError(f"mixture datasets {missing} are not under the data root {where or ''} (found "
+                             f"{sorted(available)[:10]})")
     if missing:
         log.warning("mixture datasets not found under the data root and left out: %s", missing)
     present = [(name, w) for name, w in entries if name in available]
@@ -60,7 +62,7 @@ def stream_mixture(root: str | Path, mixture: str | list, split: str, *, window_
     training; memory holds at most `shuffle_buffer` windows plus one episode per dataset."""
     root = Path(root)
     available = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
-    weights = mixture_weights(mixture, available, allow_missing=allow_missing)
+    weights = mixture_weights(mixture, available, allow_missing=allow_missing, where=str(root))
     datasets = {name: RLDSDataset.open(root, name) for name in weights}
     rng = np.random.default_rng([seed, rank])
 
@@ -95,10 +97,11 @@ class OXEMixtureStream(IterableDataset):
                  window_size: int = 1, chunk_size: int = 1, seed: int = 0, shuffle_buffer: int = 256,
                  rank: int | None = None, world_size: int | None = None, image_size: int | None = None,
                  cameras: tuple[str, ...] = ("primary",), skip_unlabeled: bool = True):
-        resolve_mixture(mixture)  # an unknown dataset fails here, before any data is read
+        resolve_mixture(mixture, where=f"data root {root}")  # an unknown dataset fails here, before any data is read
         self.root, self.mixture, self.split = root, mixture, split
         self.image_size, self.cameras, self.skip_unlabeled = image_size, tuple(cameras), skip_unlabeled
-        self.window_size, self.chunk_size, self.seed, self.shuffle_buffer = window_size, chunk_size, seed, shuffle_buffer
+        self.window_size, self.chunk_size = window_size, chunk_size
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
 
     def consumer(self) -> tuple[int, int]:
