@@ -234,13 +234,13 @@ class RLDSDataset:
             log.info("dataset %s, split %s: %d episodes without language left out", self.name, split, left_out)
 
     def action_statistics(self, cache_dir: str | Path | None = None, *, skip_unlabeled: bool = True) -> dict[str, Any]:
-        """q01 / q99 / mean / std / min / max of the standardised training actions, computed once (frames not
-        decoded) and cached under the dataset's content hash."""
-        cache_dir = Path(cache_dir) if cache_dir is not None else self.path
+        """q01 / q99 / mean / std / min / max of the standardised training actions (frames not decoded), cached
+        in `cache_dir` under the dataset's content hash; without `cache_dir` computed and not stored (the dataset
+        folder is the user's and is never written to)."""
         content_hash = self.content_hash()
         suffix = "" if skip_unlabeled else "_all"
-        cache = cache_dir / f"affordvla_action_stats_{content_hash}{suffix}.json"
-        if cache.is_file():
+        cache = Path(cache_dir) / f"affordvla_action_stats_{content_hash}{suffix}.json" if cache_dir else None
+        if cache is not None and cache.is_file():
             return json.loads(cache.read_text())
         episodes = list(self.episodes("train", skip_unlabeled=skip_unlabeled, decode_images=False))
         if not episodes:
@@ -250,7 +250,9 @@ class RLDSDataset:
                  "q01": np.quantile(actions, 0.01, axis=0).tolist(), "q99": np.quantile(actions, 0.99, axis=0).tolist(),
                  "mean": actions.mean(0).tolist(), "std": actions.std(0).tolist(),
                  "min": actions.min(0).tolist(), "max": actions.max(0).tolist()}
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        if cache is None:
+            return stats
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps(stats, indent=2))
         tmp.replace(cache)
