@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,12 +115,23 @@ def _per_step(spec: DatasetSpec, features: dict, key: str, where: str, count: in
     if name not in features:
         raise OXEFormatError(f"{where}: dataset {spec.name}: missing feature {name!r}; has {sorted(features)[:12]}")
     shape = spec.feature_shapes[key]
-    value = np.asarray(features[name], dtype=np.float32)
+    value = features[name]
+    if isinstance(value, list):  # a tensor feature with encoding "zlib" / "bytes": one raw buffer per step
+        value = np.concatenate([np.frombuffer(_inflate(v), dtype="<f4") for v in value]) if value else np.zeros(0)
+    value = np.asarray(value, dtype=np.float32)
     size = int(np.prod(shape)) if shape else 1
     if value.size != count * size:
         raise OXEFormatError(f"{where}: dataset {spec.name}: {name} has {value.size} values, expected {count} steps "
                              f"x {size}")
     return value.reshape(count, size)
+
+
+def _inflate(data: bytes) -> bytes:
+    """A TFDS tensor stored as bytes: zlib-compressed (encoding "zlib", as kuka's) or raw (encoding "bytes")."""
+    try:
+        return zlib.decompress(data)
+    except zlib.error:
+        return data
 
 
 def _texts(features: dict, key: str) -> list[str]:
