@@ -59,7 +59,8 @@ def stream_mixture(root: str | Path, mixture: str | list, split: str, *, window_
                    skip_unlabeled: bool = True, allow_missing: bool = False) -> Iterator[ActionWindowSample]:
     """Interleave the mixture's datasets by weight, windows shuffled through a bounded buffer. Each dataset is
     read shard by shard (this consumer's shards only) and restarts when exhausted, so the stream is endless for
-    training; memory holds at most `shuffle_buffer` windows plus one episode per dataset."""
+    training; memory holds at most `shuffle_buffer` windows plus one episode per dataset. The weights are taken
+    as given: sizes are unknown before a full pass, so OpenVLA's size balancing is the datamodule's (cached)."""
     root = Path(root)
     available = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
     weights = mixture_weights(mixture, available, allow_missing=allow_missing, where=str(root))
