@@ -224,11 +224,12 @@ _MAGIC_SOUP = [
     ("iamlab_cmu_pickup_insert_converted_externally_to_rlds", 1.0), ("utaustin_mutex", 1.0),
     ("berkeley_fanuc_manipulation", 2.0), ("cmu_stretch", 1.0),
 ]
-# Named mixtures: (dataset, sampling weight), OpenVLA's. The magic soup leaves out OpenVLA's disabled
-# entries (nyu_door_opening: wrist camera only; bc_z and uiuc_d3field: broken raw data).
+# Named mixtures: (dataset, sampling weight), OpenVLA's (RoboVLMs trains on the same ones). The magic soup
+# leaves out OpenVLA's disabled entries (nyu_door_opening: wrist camera only; bc_z and uiuc_d3field: broken data).
 MIXTURES: dict[str, list[tuple[str, float]]] = {
     "bridge": [("bridge_orig", 1.0)],
     "fractal": [("fractal20220817_data", 1.0)],
+    "rt_1": [("fractal20220817_data", 1.0)],  # RoboVLMs' name for the RT-1 data alone
     "bridge_rt_1": [("bridge_orig", 1.0), ("fractal20220817_data", 1.0)],
     "rtx": [
         ("fractal20220817_data", 0.54087122203), ("kuka", 0.8341046294), ("bridge_orig", 1.0), ("taco_play", 2.0),
