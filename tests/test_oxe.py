@@ -1,6 +1,7 @@
 """TFRecord framing, tf.train.Example decoding and RLDS (Open X-Embodiment) episodes, all without TensorFlow."""
 
 import io
+import json
 import struct
 
 import numpy as np
@@ -120,7 +121,9 @@ def oxe_root(tmp_path_factory):
 
 def test_gripper_conversions():
     np.testing.assert_array_equal(binarize_gripper(np.array([1.0, 0.97, 0.5, 0.02, 0.6, 0.99])), [1, 1, 0, 0, 1, 1])
-    np.testing.assert_array_equal(binarize_gripper(np.array([0.5, 0.5])), [0, 0])
+    # a trailing run of in-between values keeps the last raw value: OpenVLA's reverse scan starts from it
+    np.testing.assert_array_equal(binarize_gripper(np.array([0.5, 0.5])), [0.5, 0.5])
+    np.testing.assert_array_equal(binarize_gripper(np.array([0.02, 0.5, 0.75])), [0, 0.75, 0.75])
     # +1 closes, -1 opens; before the first command the gripper is in the opposite state
     np.testing.assert_array_equal(relative_to_absolute_gripper(np.array([0.0, 1.0, 0.0, -1.0])), [1, 0, 0, 1])
     np.testing.assert_array_equal(relative_to_absolute_gripper(np.array([0.0, -1.0, 0.0])), [0, 1, 1])
@@ -193,25 +196,29 @@ def test_mixtures(oxe_root):
     assert weights == {"bridge_orig": 0.5, "fractal20220817_data": 0.5}
     with pytest.raises(ValueError, match="unknown mixture 'soup'; valid"):
         mixture_weights("soup", set())
+    with pytest.raises(OXEFormatError, match=r"mixture datasets \['fractal20220817_data'\] are not under the data"):
+        mixture_weights("bridge_rt_1", {"bridge_orig"})
+    assert mixture_weights("bridge_rt_1", {"bridge_orig"}, allow_missing=True) == {"bridge_orig": 1.0}
     stream = stream_mixture(oxe_root, "bridge_rt_1", "train", window_size=2, chunk_size=2, shuffle_buffer=8)
     samples = [next(stream) for _ in range(40)]
+    # bridge_orig's shards carry its TFDS name, bridge_dataset
     sources = {s.meta["source"].split("/")[-1].split("-")[0] for s in samples}
-    assert sources == {"bridge_orig", "fractal20220817_data"}
+    assert sources == {"bridge_dataset", "fractal20220817_data"}
     assert all(s.actions.shape == (2, 2, 7) for s in samples)
 
 
 def test_bad_dataset_folders(tmp_path):
-    with pytest.raises(OXEFormatError, match="does not exist"):
+    with pytest.raises(OXEFormatError, match="dataset bridge_orig: RLDS folder .* does not exist"):
         RLDSDataset.open(tmp_path, "bridge_orig")
     path = write_rlds_dataset(tmp_path, "bridge_orig", {"train": [_bridge_episode(0)]}, shards=2)
-    (path / "bridge_orig-train.tfrecord-00001-of-00002").unlink()
-    with pytest.raises(OXEFormatError, match=r"split 'train' has shards \[0\] of 2"):
-        RLDSDataset.open(tmp_path, "bridge_orig")
-    write_records(path / "bridge_orig-train.tfrecord-00001-of-00002", [b"\xff\xff not protobuf"])
+    write_records(path / "bridge_dataset-train.tfrecord-00001-of-00002", [b"\xff\xff not protobuf"])
+    info = json.loads((path / "dataset_info.json").read_text())
+    info["splits"][0]["shardLengths"] = ["1", "1"]
+    (path / "dataset_info.json").write_text(json.dumps(info))
     data = RLDSDataset.open(tmp_path, "bridge_orig")
-    # dataset_info says shard 1 is empty, so its record sits past the 95% cut: in the val part
+    # round(0.95 * 2) = 2: both records are training episodes
     with pytest.raises(TFRecordError, match=r"00001-of-00002, record 0: not a tf.train.Example"):
-        list(data.episodes("val"))
+        list(data.episodes("train"))
 
 
 def test_nan_actions_and_broken_episodes_raise_or_are_counted(tmp_path):
@@ -221,13 +228,15 @@ def test_nan_actions_and_broken_episodes_raise_or_are_counted(tmp_path):
     short["steps/action/rotation_delta"] = short["steps/action/rotation_delta"][:-1]
     write_rlds_dataset(tmp_path, "fractal20220817_data", {"val": [bad, short, _fractal_episode(2)]}, shards=1)
     data = RLDSDataset.open(tmp_path, "fractal20220817_data")
-    with pytest.raises(OXEFormatError, match=r"00000-of-00001, record 0: NaN or infinite actions at steps \[1\]"):
+    with pytest.raises(OXEFormatError, match=r"00000-of-00001, record 0: dataset fractal20220817_data: NaN or "
+                                             r"infinite actions at steps \[1\]"):
         list(data.episodes("val"))
     skipped = []
     kept = list(data.episodes("val", on_error="skip", skipped=skipped))
     assert len(kept) == 1 and [w.split(", ")[-1] for w in skipped] == ["record 0", "record 1"]
     write_rlds_dataset(tmp_path / "short", "fractal20220817_data", {"val": [short]}, shards=1)
-    with pytest.raises(OXEFormatError, match=r"record 0: steps/action/rotation_delta has 11 values, expected 4 steps"):
+    with pytest.raises(OXEFormatError, match=r"record 0: dataset fractal20220817_data: steps/action/rotation_delta "
+                                             r"has 11 values, expected 4 steps"):
         list(RLDSDataset.open(tmp_path / "short", "fractal20220817_data").episodes("val"))
 
 

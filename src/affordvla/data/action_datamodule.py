@@ -179,7 +179,7 @@ class ActionWindowDataModule(L.LightningDataModule):
             return self._cached_action_statistics(self._cache_path("train"))
         from affordvla.data.oxe import RLDSDataset
 
-        return RLDSDataset.open(self.root, self.name).action_statistics()
+        return RLDSDataset.open(self.root, self.name).action_statistics(cache_dir=self.cache_dir)
 
     @staticmethod
     def _cached_action_statistics(path: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from affordvla.data.oxe import write_rlds_dataset
+from affordvla.data.oxe import SPECS, DatasetSpec, write_rlds_dataset
 from affordvla.data.toy_actions import GENERATOR_VERSION, GRIPPER_OPEN_WIDTH, ToyActionSettings, generate_episode
 from affordvla.locking import write_once
 
@@ -74,3 +74,88 @@ def write_toy_bridge(root: str | Path, settings: ToyActionSettings | None = None
     if write_once(root, DONE_MARKER, recorded, write):
         log.info("wrote the toy %s dataset to %s", name, root)
     return root / name / "1.0.0"
+
+
+def _gripper_values(rule: str, rng: np.random.Generator, count: int) -> np.ndarray:
+    """Gripper values as a dataset of this convention stores them."""
+    if rule == "rel2abs":  # mostly "keep", a few close (+1) / open (-1) commands
+        return rng.choice([-1.0, 0.0, 0.0, 0.0, 1.0], count)
+    if rule == "binarize":  # continuous openness with some in-between values, ending decided
+        return np.append(rng.choice([0.0, 0.02, 0.5, 0.97, 1.0], count - 1), rng.choice([0.0, 1.0]))
+    if rule in ("clip", "invert_clip"):
+        return rng.choice([-1.0, 1.0], count)
+    return rng.choice([0.0, 1.0], count)
+
+
+def synthetic_episode(spec: DatasetSpec, steps: int, rng: np.random.Generator, instruction: str,
+                      image_shape: tuple[int, int] | None = None) -> dict:
+    """One episode of `spec`'s dataset as flattened Example features, every feature of its layout filled.
+    `image_shape` overrides the frames' (height, width) (smaller files for benchmarks)."""
+    features: dict = {}
+    for feature in spec.features:
+        name = f"steps/{feature.key}"
+        if feature.kind == "image":
+            h, w = image_shape or feature.shape[:2]
+            base = rng.integers(0, 256, 3)
+            features[name] = [_jpeg(np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+                              for _ in range(steps)]
+        elif feature.kind == "text":
+            features[name] = [instruction.encode()] * steps
+        elif feature.kind == "bool":
+            features[name] = rng.integers(0, 2, (steps, max(1, int(np.prod(feature.shape)))))
+        elif feature.kind == "int":  # language_table's instruction: unicode code points padded with zeros
+            row = np.zeros(feature.shape[0], np.int64)
+            row[: len(instruction)] = [ord(c) for c in instruction]
+            features[name] = np.tile(row, steps)
+        else:
+            size = int(np.prod(feature.shape)) if feature.shape else 1
+            values = rng.uniform(-0.05, 0.05, (steps, size)).astype(np.float32)
+            if spec.state == feature.key and spec.relabel_from_state:
+                values = np.cumsum(values, axis=0).astype(np.float32)
+            features[name] = values
+    for piece in (spec.gripper,):
+        if piece is not None:
+            features[f"steps/{piece.key}"][:, piece.start] = _gripper_values(spec.gripper_rule, rng, steps)
+    if spec.rot is not None and spec.rot_quaternion:
+        quaternion = rng.normal(size=(steps, 4))
+        features[f"steps/{spec.rot.key}"][:, spec.rot.start:spec.rot.start + 4] = (
+            quaternion / np.linalg.norm(quaternion, axis=1, keepdims=True))
+    for name, value in features.items():
+        if isinstance(value, np.ndarray):
+            features[name] = value.reshape(-1)
+    features.update({
+        "steps/is_first": np.array([1] + [0] * (steps - 1)), "steps/is_last": np.array([0] * (steps - 1) + [1]),
+        "steps/is_terminal": np.array([0] * (steps - 1) + [1]),
+        "steps/reward": np.array([0.0] * (steps - 1) + [1.0], np.float32),
+        "steps/discount": np.ones(steps, np.float32),
+        "episode_metadata/file_path": [f"toy/{spec.name}/{int(rng.integers(1 << 30))}.npy".encode()],
+    })
+    return features
+
+
+def write_toy_mixture(root: str | Path, names: list[str], train_episodes: int = 2, val_episodes: int = 1,
+                      episode_length: int = 6, seed: int = 0, shards: int = 2,
+                      image_shape: tuple[int, int] | None = None) -> list[Path]:
+    """Write `train` and `val` splits of synthetic episodes for each named dataset, in its published layout, as
+    `root/<name>/1.0.0` (seeded; a dataset already written with these settings is reused)."""
+    root = Path(root)
+    written = []
+    for index, name in enumerate(names):
+        if name not in SPECS:
+            raise ValueError(f"dataset {name!r} has no spec to write a toy version from; known: {sorted(SPECS)}")
+        spec = SPECS[name]
+
+        def write(spec=spec, index=index) -> None:
+            episodes = {}
+            for split, count, offset in (("train", train_episodes, 0), ("val", val_episodes, 1)):
+                rng = np.random.default_rng([seed, index, offset])
+                episodes[split] = [synthetic_episode(spec, episode_length, rng, f"{name} task {e % 3}", image_shape)
+                                   for e in range(count)]
+            write_rlds_dataset(root, name, episodes, shards=shards)
+
+        recorded = {"name": name, "train": train_episodes, "val": val_episodes, "length": episode_length,
+                    "seed": seed, "shards": shards, "image_shape": list(image_shape or []),
+                    "version": GENERATOR_VERSION}
+        write_once(root / name, DONE_MARKER, recorded, write)
+        written.append(root / name / "1.0.0")
+    return written
