@@ -5,7 +5,7 @@ The trainer configs (`conf/trainer/{ddp,ddp_cpu,fsdp,deepspeed}.yaml`) name a fa
 `affordvla.train` (FSDP's wrap units are the backbone's own block classes, known only once it is loaded).
 
 Data under DDP: the keypoint datamodules' `StepResumableSampler` shards each epoch across ranks itself (and is
-left in place by Lightning, see data/sampling.py); the OXE stream shards by rank x loader worker (data/oxe.py).
+left in place by Lightning, see data/sampling.py); the OXE stream shards by rank x loader worker (data/oxe/stream.py).
 """
 
 from __future__ import annotations

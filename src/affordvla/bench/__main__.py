@@ -103,9 +103,16 @@ def bench_backbones() -> dict[str, float]:
     return backbones.run()
 
 
+def bench_reliability() -> dict[str, float]:
+    from affordvla.bench import reliability
+
+    return reliability.run()
+
+
 BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data,
               "synthesis": bench_synthesis, "heads": bench_heads, "backbones": bench_backbones,
-              "backbone_learning": bench_backbone_learning, "gpu_throughput": bench_gpu_throughput}
+              "backbone_learning": bench_backbone_learning, "gpu_throughput": bench_gpu_throughput,
+              "reliability": bench_reliability}
 
 
 def main(argv: list[str] | None = None) -> None:
