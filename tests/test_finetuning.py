@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_learned
 
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.finetuning import (
@@ -13,7 +14,6 @@ from affordvla.backbones.finetuning import (
     quantization_kwargs,
 )
 from affordvla.backbones.llava.tiny import write_tiny_llava
-from conftest import assert_learned
 
 
 @pytest.fixture(scope="module")
