@@ -175,6 +175,8 @@ RAISING = [
     ('{"Grasp Point": [Infinity, 93]}', LABEL, "json", "OverflowError"),  # 44. int(inf)
     ('{"Grasp Point": ["1e400", "093"]}', LABEL, "json", "OverflowError"),  # 45. float("1e400") is inf
     ('{"Grasp Point": {"x": 1, "y": 2}}', LABEL, "json", "ValueError"),  # 46. an object unpacks to its keys
+    # 46b. int(float("1e200")) is an exact 201-digit int; its square over 2 does not fit a float
+    ('{"Grasp Point": ["1e200", "093"]}', LABEL, "json", "OverflowError"),
     ("Pre contact Point: (600, 400)", LABEL_STR, "str", "KeyError"),  # 47. the regex keeps one word: "contact Point"
     ("", None, "str", "TypeError"),  # 48. str style parses the label before the sentinel check
     (LABEL_ARRAY[:9], LABEL_ARRAY, "array", "IndexError"),  # 49. nine numbers

@@ -261,6 +261,8 @@ def read_predictions(path: str | Path) -> list[tuple[Any, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: predictions file not found")
     rows = _id_rows(path, "answer")
+    if not rows:
+        raise ValueError(f"{path}: no predictions")
     seen = set()
     for answer_id, _ in rows:
         if not isinstance(answer_id, (str, int)) or answer_id in seen:
@@ -277,7 +279,10 @@ def read_labels(source: str | Path, formatstyle: str = "json") -> dict[str, Any]
         index = source / name
         if not index.is_file():
             raise FileNotFoundError(f"{index}: not found (labels come from a KALIE dataset root's {name})")
-        data = json.loads(index.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{index}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{index}: expected an object of entries, got {type(data).__name__}")
         labels = {}
