@@ -88,7 +88,8 @@ class Where2PlaceCallback(L.Callback):
         unreadable = sum(head.codec.try_decode(a["text"]) is None for a in answers)
         metrics = {self.metric_prefix: 100 * result.score,
                    f"{self.metric_prefix}_parse_failure_rate": unreadable / len(answers) if answers else 0.0,
-                   f"{self.metric_prefix}_scored": float(result.scored)}
+                   f"{self.metric_prefix}_scored": float(result.scored),
+                   f"{self.metric_prefix}_skipped": float(len(result.skipped))}  # compat: questions left out
         if "unseen" in result.by_category:
             metrics[f"{self.metric_prefix}_h"] = 100 * result.by_category["unseen"]
         return metrics

@@ -212,10 +212,9 @@ def kalie_corrected_scores(pred: np.ndarray | None, target: np.ndarray,
 
 def corrected_metrics(scores: list[dict[str, float]], prefix: str = "kalie_corrected/") -> dict[str, float]:
     """Means of `kalie_corrected_scores` results: average MSE, exact match and the per-point MSE."""
-    if not scores:
-        return {}
     keys = ["avg_mse", "exact_match"] + [f"{p}_mse" for p in POINT_PREFIXES.values()]
-    return {f"{prefix}{k}": float(np.mean([s[k] for s in scores])) for k in keys if k in scores[0]}
+    found = {k: [s[k] for s in scores if k in s] for k in keys}  # samples with other point names lack grasp_mse...
+    return {f"{prefix}{k}": float(np.mean(v)) for k, v in found.items() if v}
 
 
 # ---------------------------------------------------------------------------------------------- predictions file
