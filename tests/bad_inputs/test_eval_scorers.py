@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import assert_clear_failure
+from .conftest import assert_clear_failure
 
 
 def test_kalie_prediction_without_a_label(workspace):
