@@ -26,7 +26,8 @@ normalised coordinates put on the 0-999 grid by rounding to nearest.
   the text as generated (for `--formatstyle array`, a list of ten numbers);
 - labels: a KALIE dataset root (the `points` strings of `data_jsonformat.json`, of `data_strformat.json` for
   "str", the flattened points for "array"), or a file: a JSON object `{id: label}` or a JSON list / JSON lines of
-  `{"id", "label"}` (e.g. KALIE's own label texts on its 450x450 crop).
+  `{"id", "label"}`. A dataset root's labels are on the stored image's 0-1000 scale, while KALIE's evaluation
+  compares on its 450x450 centre crop: to score crop-scale answers, give the crop-scale label texts as a file.
 """
 
 from __future__ import annotations
