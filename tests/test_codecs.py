@@ -1,4 +1,4 @@
-"""Keypoint text codecs: exact encodings, round trips, tolerated and rejected malformed outputs, scoring."""
+"""Keypoint text codecs: exact encodings, round trips, tolerated and rejected malformed outputs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from affordvla.heads.codecs import (
     KeypointParseError,
     PaliGemmaLocCodec,
     RoboPointTupleCodec,
-    kalie_point_scores,
     make_codec,
 )
 
@@ -335,55 +334,6 @@ def test_failure_counting():
 
 def test_parse_error_is_value_error():
     assert issubclass(KeypointParseError, ValueError)
-
-
-# ---------------------------------------------------------------------------------------------- scoring
-
-
-def test_kalie_point_scores_hand_computed():
-    target = np.array([[0.1, 0.2], [0.5, 0.5], [0.3, 0.4], [0.0, 0.0], [0.999, 1.0]])
-    pred = np.array([[0.103, 0.196], [0.5, 0.5], [0.31, 0.38], [-0.05, 0.002], [1.2, 0.9994]])
-    s = kalie_point_scores(pred, target)
-    # 0-999 ints: target (100,200) (500,500) (300,400) (0,0) (999,999); pred (103,196) (500,500) (310,380)
-    # (0,2) (999,999) after clamping -50 -> 0, 1200 -> 999, 1000 -> 999 and rounding 999.4 -> 999.
-    assert s["grasp_mse"] == 12.5  # (3^2 + 4^2) / 2
-    assert (s["grasp_abs_x"], s["grasp_abs_y"]) == (3.0, 4.0)
-    assert s["func_mse"] == 0.0
-    assert s["targ_mse"] == 250.0  # (10^2 + 20^2) / 2
-    assert (s["targ_abs_x"], s["targ_abs_y"]) == (10.0, 20.0)
-    assert s["prec_mse"] == 2.0
-    assert (s["prec_abs_x"], s["prec_abs_y"]) == (0.0, 2.0)
-    assert s["postc_mse"] == 0.0
-    assert s["avg_mse"] == pytest.approx(264.5 / 5)
-    assert s["exact_match"] == 0.0
-    assert len(s) == 5 * 3 + 2
-
-
-def test_kalie_point_scores_exact_and_penalty():
-    target = np.array([[0.1, 0.2], [0.5, 0.5], [0.3, 0.4], [0.0, 0.0], [0.999, 1.0]])
-    s = kalie_point_scores(target + 0.0001, target)  # below the 0-999 resolution
-    assert s["exact_match"] == 1.0 and s["avg_mse"] == 0.0
-    bad = kalie_point_scores(None, target)
-    for p in ("grasp", "func", "targ", "prec", "postc"):
-        assert bad[f"{p}_mse"] == 1_000_000.0
-        assert bad[f"{p}_abs_x"] == bad[f"{p}_abs_y"] == 500.0
-    assert bad["avg_mse"] == 1_000_000.0 and bad["exact_match"] == 0.0
-
-
-def test_kalie_point_scores_other_names():
-    s = kalie_point_scores(np.array([[0.0, 0.0], [0.5, 0.5]]), np.array([[0.0, 0.01], [0.5, 0.5]]), ("a", "b"))
-    assert s["p0_mse"] == 50.0 and s["p1_mse"] == 0.0 and s["avg_mse"] == 25.0
-    assert "grasp_mse" not in s
-    with pytest.raises(ValueError):
-        kalie_point_scores(np.zeros((2, 2)), np.zeros((5, 2)))
-
-
-def test_score_from_decoded_kalie_text():
-    codec = KalieJsonCodec()
-    target = codec.decode(KALIE_TEXT)
-    assert kalie_point_scores(codec.try_decode(KALIE_TEXT), target)["exact_match"] == 1.0
-    assert kalie_point_scores(codec.try_decode("garbage"), target)["avg_mse"] == 1_000_000.0
-    assert KALIE_POINT_NAMES[0] == "Grasp Point"
 
 
 # ---------------------------------------------------------------------------------------------- factory

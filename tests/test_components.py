@@ -190,7 +190,7 @@ def test_evaluator_by_hand():
     assert metrics["parse_failure_rate"] == 0.5
     assert metrics["mean_baseline_error"] == pytest.approx(0.4)
     # KALIE: (300^2 + 400^2) / 2 = 125000 per point for the parsed answer, 1e6 for the failure
-    assert metrics["kalie_avg_mse"] == pytest.approx((125000 + 1_000_000) / 2)
+    assert metrics["kalie_corrected/avg_mse"] == pytest.approx((125000 + 1_000_000) / 2)
 
 
 def test_sampler_position_follows_the_step():

@@ -60,3 +60,63 @@ def test_missing_simulators_are_named():
         require_simulator("calvin")
     with pytest.raises(ValueError, match="unknown simulator"):
         require_simulator("mujoco")
+
+
+# ---------------------------------------------------------------------------------------------- KALIE in the evaluator
+# KALIE's answer for these five points, as its fine-tuning data writes it (json.dumps indent 4, zero-padded strings)
+KALIE_ANSWER = """{
+    "Grasp Point": [
+        "397",
+        "093"
+    ],
+    "Function Point": [
+        "500",
+        "250"
+    ],
+    "Target Point": [
+        "640",
+        "410"
+    ],
+    "Pre-contact Point": [
+        "600",
+        "400"
+    ],
+    "Post-contact Point": [
+        "700",
+        "420"
+    ]
+}"""
+POINTS = np.array([[397, 93], [500, 250], [640, 410], [600, 400], [700, 420]]) / 1000
+
+
+def _sample():
+    from affordvla.data.sample import KeypointSample
+
+    return KeypointSample(np.zeros((4, 4, 3), np.uint8), "Sweep the trash off the table with the brush.", POINTS)
+
+
+def test_evaluator_scores_kalie_answers_as_written():
+    from affordvla.evaluation.keypoints import KeypointEvaluator
+
+    evaluator = KeypointEvaluator(kalie_answers=True)
+    # the tolerant codec reads both answers; KALIE's json.loads reads only the first (prose before the second)
+    evaluator.add([_sample(), _sample()], [KALIE_ANSWER, "Sure! " + KALIE_ANSWER], [POINTS, POINTS])
+    m = evaluator.compute()
+    assert m["kalie_compat/avg_mse"] == pytest.approx((0 + 1_000_000) / 2)
+    assert m["kalie_compat/acc"] == 0.5 and m["kalie_compat/scoring_failures"] == 0
+    assert m["kalie_corrected/avg_mse"] == 0.0 and m["kalie_corrected/exact_match"] == 1.0
+    assert m["kalie_corrected/grasp_mse"] == 0.0
+
+
+def test_evaluator_renders_other_answer_formats_for_kalie():
+    from affordvla.evaluation.keypoints import KeypointEvaluator
+
+    evaluator = KeypointEvaluator()  # e.g. location tokens: compat scores the KALIE answer of the decoded points
+    shifted = POINTS + np.array([[0.003, 0.004]] + [[0.0, 0.0]] * 4)  # grasp (400, 97): (9 + 16) / 2 = 12.5
+    evaluator.add([_sample(), _sample(), _sample()], ["<loc0001>", "<loc0002>", "garbage"], [POINTS, shifted, None])
+    m = evaluator.compute()
+    # (0 + 12.5 / 5 + 1e6) / 3, the unreadable answer as KALIE's empty answer: the sentinel
+    assert m["kalie_compat/avg_mse"] == pytest.approx((0 + 2.5 + 1_000_000) / 3)
+    assert m["kalie_corrected/avg_mse"] == pytest.approx((0 + 2.5 + 1_000_000) / 3)
+    assert m["kalie_compat/grasp_mse"] == pytest.approx((0 + 12.5 + 1_000_000) / 3)
+    assert m["kalie_compat/acc"] == pytest.approx(1 / 3)  # the exact one renders as the label text

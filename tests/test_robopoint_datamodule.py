@@ -165,7 +165,7 @@ def test_point_sets_are_scored_by_nearest_points():
     assert metrics["parse_failure_rate"] == pytest.approx(1 / 3)
     assert metrics["point_set_precision_error"] == pytest.approx(0.1 / 2)  # 0.1 for the one point, 0 for the set
     assert metrics["mean_baseline_error"] == pytest.approx(_set_error(mean, target))
-    assert "kalie_avg_mse" not in metrics  # named-point scores do not apply to point sets
+    assert "kalie_corrected/avg_mse" not in metrics and "kalie_compat/avg_mse" not in metrics  # named points only
 
 
 def test_robopoint_experiment_trains_on_the_fixture(robopoint_root, tmp_path):

@@ -79,7 +79,7 @@ def test_compare_backbones_by_hand(store):
     assert paligemma["test/mean_baseline_error"] == pytest.approx(0.225)
     assert paligemma["vs_baseline"] == pytest.approx(0.85)
     assert paligemma["test/parse_failure_rate"] == pytest.approx(0.5)  # only the run that logged it
-    assert paligemma["test/kalie_avg_mse"] is None
+    assert paligemma["test/kalie_corrected/avg_mse"] is None
     assert runs.compare_backbones([]) == []
 
 

@@ -1,4 +1,7 @@
-"""Where2Place: the compat mode reproduces RoboPoint's scorer rule by rule; the corrected mode fixes its quirks."""
+"""Where2Place: the compat mode reproduces RoboPoint's scorer rule by rule; the corrected mode fixes its quirks.
+Answer files are hand-written as RoboPoint's model_vqa writes them."""
+
+import json
 
 import numpy as np
 import pytest
@@ -61,7 +64,8 @@ def test_benchmark_scores_by_position_or_by_id(tmp_path):
     image = np.zeros((480, 640, 3), np.uint8)
     root = write_where2place(tmp_path, [(image, region, "q0", "seen"), (image, region, "q1", "unseen"),
                                         (image, region, "q2", "unseen")])
-    questions = read_where2place(root)
+    assert len(read_where2place(root)) == 3
+    questions = root
     answers = [{"question_id": 0, "text": "[(0.39, 0.31)]"},  # inside (JPEG interior stays 255)
                {"question_id": 2, "text": "(200, 0.2, 300, 0.4)"},  # raises in compat
                {"question_id": 1, "text": "[(0.39, 0.31), (0.0, 0.0)]"}]  # half inside
@@ -74,3 +78,86 @@ def test_benchmark_scores_by_position_or_by_id(tmp_path):
     assert corrected.by_category == pytest.approx({"seen": 1.0, "unseen": 0.25}, abs=0.01)
     with pytest.raises(ValueError, match="mode must be"):
         score_where2place(questions, answers, mode="strict")
+
+
+# ---------------------------------------------------------------------------------------------- answer files
+# Questions and answers written the way Where2Place and RoboPoint's `model_vqa` write them: point_questions.jsonl
+# lines {"question_id", "image", "text", "category"}; answer lines {"question_id", "prompt", "text", "answer_id",
+# "model_id", "category"} (LLaVA's original writes "metadata": {} in place of "category").
+QUESTIONS = (
+    '{"question_id": 0, "image": "05.jpg", "text": "Point to a free spot on the table.", "category": "seen"}\n'
+    '{"question_id": 1, "image": "01.jpg", "text": "Point to a free spot left of the mug.", "category": "seen"}\n'
+    '{"question_id": 2, "image": "02.jpg", "text": "Point to a free spot near the plate.", "category": "unseen"}\n'
+    '{"question_id": 3, "image": "03.jpg", "text": "Point to a free spot on the shelf.", "category": "unseen"}\n'
+    '{"question_id": 4, "image": "04.jpg", "text": "Point to a free spot by the bowl.", "category": "unseen"}\n'
+)
+ANSWERS = (
+    '{"question_id": 0, "prompt": "Point to a free spot on the table.", "text": "[(0.39, 0.31), (0.0, 0.0)]", '
+    '"answer_id": "3Lqf5uYxXoWbN8aTk2Dz7c", "model_id": "robopoint-v1-vicuna-v1.5-13b", "category": "seen"}\n'
+    '{"question_id": 1, "prompt": "Point to a free spot left of the mug.", "answer_id": "Hn4wq8RZbV2mYc6pLk9sTe", '
+    '"model_id": "robopoint-v1-vicuna-v1.5-13b", "category": "seen"}\n'
+    '{"question_id": 2, "prompt": "Point to a free spot near the plate.", "text": null, '
+    '"answer_id": "Qm7vB2xK9pLr4TzW8nYc3d", "model_id": "robopoint-v1-vicuna-v1.5-13b", "metadata": {}}\n'
+    '\n'
+    '{"question_id": 3, "prompt": "Point to a free spot on the shelf.", "text": "(224, 144)", '
+    '"answer_id": "Zr5cN1wQ8yHb3Lk7Vt2mXp", "model_id": "robopoint-v1-vicuna-v1.5-13b", "category": "unseen"}\n'
+)  # no line for question 4; the blank line is not an answer
+
+
+def _answers_root(tmp_path):
+    """masks/ and point_questions.jsonl only: scoring needs no images/. masks/00..04.jpg hold the free region
+    (rows 100-199, columns 200-299); question 0 names image 05.jpg, whose mask masks/05.jpg is empty."""
+    from PIL import Image
+
+    root = tmp_path / "where2place"
+    (root / "masks").mkdir(parents=True)
+    region = np.zeros((480, 640), np.uint8)
+    region[100:200, 200:300] = 255
+    for index in range(5):
+        Image.fromarray(region, mode="L").save(root / "masks" / f"{index:02d}.jpg", quality=95)
+    Image.fromarray(np.zeros_like(region), mode="L").save(root / "masks" / "05.jpg", quality=95)
+    (root / "point_questions.jsonl").write_text(QUESTIONS)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(ANSWERS)
+    return root, answers
+
+
+def test_compat_skips_missing_answers_and_texts(tmp_path):
+    from affordvla.evaluate import read_answer_lines
+
+    root, answers_file = _answers_root(tmp_path)
+    answers = read_answer_lines(answers_file)
+    assert len(answers) == 4
+    compat = score_where2place(root, answers, mode="compat")
+    # line 1 has no "text", line 2 a null one, question 4 no answer line: all three skipped, by 0-based number
+    assert compat.skipped == [1, 2, 4]
+    assert compat.scored == 2
+    # question 0 on mask 00.jpg (by line index, not its image 05.jpg): (249, 148) inside, (0, 0) outside -> 0.5;
+    # the answer on line 3 is question 3's: (224, 144) inside -> 1.0; mean (0.5 + 1.0) / 2
+    assert compat.per_question == pytest.approx({0: 0.5, 3: 1.0}, abs=0.01)
+    assert compat.score == pytest.approx(0.75, abs=0.01)
+    assert compat.by_category == pytest.approx({"seen": 0.5, "unseen": 1.0}, abs=0.01)
+    assert score_where2place(root, answers, mode="compat", num_questions=1).scored == 1
+
+
+def test_corrected_scores_missing_answers_zero(tmp_path):
+    root, answers_file = _answers_root(tmp_path)
+    from affordvla.evaluate import read_answer_lines
+
+    corrected = score_where2place(root, read_answer_lines(answers_file), mode="corrected")
+    assert corrected.skipped == [] and corrected.scored == 5
+    # question 0 reads its own image's mask (05.jpg, empty): 0; questions 1, 2 and 4 have no text: 0
+    assert corrected.per_question == pytest.approx({0: 0.0, 1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0}, abs=0.01)
+
+
+def test_eval_where2place_reports_skipped_questions(tmp_path, capsys):
+    from affordvla.evaluate import main
+
+    root, answers_file = _answers_root(tmp_path)
+    assert main(["where2place", "--data", str(root), "--answers", str(answers_file)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["skipped"] == 3 and report["skipped_questions"] == [1, 2, 4] and report["scored"] == 2
+    assert report["where2place_score"] == pytest.approx(75.0, abs=1.0)
+    (root / "masks" / "03.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="03.jpg: Where2Place mask not found"):
+        score_where2place(root, [{"text": "(1, 1)"}] * 4, mode="compat")

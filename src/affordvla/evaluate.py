@@ -3,6 +3,7 @@
     affordvla-eval keypoints --model DIR --data KALIE_ROOT [--split test] [--codec paligemma_loc]
     affordvla-eval keypoints --run-id ID [--tracking-uri URI]      (the run's exported model and dataset)
     affordvla-eval where2place --data W2P_ROOT (--model DIR | --answers answers.jsonl) [--mode compat|corrected]
+    affordvla-eval kalie --predictions preds.jsonl --labels KALIE_ROOT|labels.json [--formatstyle json|str|array]
     affordvla-eval calvin --results results.json
     affordvla-eval rollout --model EXPORT_DIR --env toy|calvin|rlbench|simpler [--episodes N] [--chains N]
     affordvla-eval rollout --run-id ID [--log-to-run]            (the run's exported policy; log the metrics into it)
@@ -67,7 +68,7 @@ def evaluate_keypoints(model_dir: str | Path, data_root: str | Path, *, split: s
     data.setup()
     if split not in data.splits:
         raise ValueError(f"{data_root} has no split {split!r}; it has {sorted(data.splits)}")
-    evaluator = KeypointEvaluator(mean_keypoints=data.train_keypoint_mean())
+    evaluator = KeypointEvaluator(mean_keypoints=data.train_keypoint_mean(), kalie_answers=codec == "kalie_json")
     samples = [data.splits[split][i] for i in range(len(data.splits[split]))]
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
@@ -100,26 +101,53 @@ def run_locations(run_id: str, tracking_uri: str) -> dict[str, Any]:
 
 def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None = None,
                          answers_file: str | Path | None = None, mode: str = "compat",
-                         max_new_tokens: int = 128) -> tuple[dict[str, Any], list[dict]]:
+                         max_new_tokens: int = 128, num_questions: int | None = None
+                         ) -> tuple[dict[str, Any], list[dict]]:
     """Score recorded answers, or generate them with the model first (answers are returned for saving)."""
-    from affordvla.data.robopoint import read_where2place
-    from affordvla.evaluation.benchmark_callbacks import answer_where2place
     from affordvla.evaluation.where2place import score_where2place
-    from affordvla.heads.keypoint_text import KeypointTextHead
 
-    questions = read_where2place(data_root)
     if answers_file is not None:
-        lines = Path(answers_file).read_text(encoding="utf-8").splitlines()
-        answers = [json.loads(line) for line in lines if line.strip()]
+        answers = read_answer_lines(answers_file)
     elif model_dir is not None:
+        from affordvla.data.robopoint import read_where2place
+        from affordvla.evaluation.benchmark_callbacks import answer_where2place
+        from affordvla.heads.keypoint_text import KeypointTextHead
+
         backbone = load_model(model_dir)
-        answers = answer_where2place(backbone, KeypointTextHead(codec="robopoint"), questions, max_new_tokens)
+        answers = answer_where2place(backbone, KeypointTextHead(codec="robopoint"), read_where2place(data_root),
+                                     max_new_tokens)
     else:
         raise ValueError("where2place needs --model (generate answers) or --answers (score recorded ones)")
-    result = score_where2place(questions, answers, mode=mode)
+    result = score_where2place(data_root, answers, mode=mode, num_questions=num_questions)
     metrics = {"where2place_score": 100 * result.score, "scored": result.scored, "skipped": len(result.skipped),
+               "skipped_questions": result.skipped,
                **{f"where2place_{c}": 100 * v for c, v in result.by_category.items()}}
     return metrics, answers
+
+
+def read_answer_lines(path: str | Path) -> list:
+    """An answers file as RoboPoint's `model_vqa` writes it: one JSON record per line, blank lines ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: answers file not found")
+    answers = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                answers.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({exc.msg})") from None
+    return answers
+
+
+def evaluate_kalie_predictions(predictions: str | Path, labels: str | Path, formatstyle: str = "json"
+                               ) -> dict[str, Any]:
+    """KALIE's offline scores of a predictions file, compat and corrected side by side (formats: the
+    docstring of evaluation/kalie_compat.py)."""
+    from affordvla.evaluation.kalie_compat import read_labels, read_predictions, score_predictions
+
+    return score_predictions(read_predictions(predictions), read_labels(labels, formatstyle), formatstyle,
+                             source=str(labels))
 
 
 def load_policy(model_dir: str | Path, config: str | Path | None = None, execution: str = "first"):
@@ -244,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--answers", help="answers JSON lines ({question_id, text}) to score instead of generating")
     where.add_argument("--mode", default="compat", choices=("compat", "corrected"))
     where.add_argument("--save-answers", help="write the generated answers here (JSON lines)")
+    where.add_argument("--num-questions", type=int, help="score the first N questions only (the original's option)")
+    kalie = commands.add_parser("kalie", help="KALIE's offline keypoint scores of a predictions file (compat and "
+                                "corrected)")
+    kalie.add_argument("--predictions", required=True, help='JSON list or JSON lines of {"id", "answer"}')
+    kalie.add_argument("--labels", required=True, help='a KALIE dataset root, or a labels file ({id: label} or '
+                       'records {"id", "label"})')
+    kalie.add_argument("--formatstyle", default="json", choices=("json", "str", "array"),
+                       help="how KALIE's calculate_errors reads answers and labels (its evaluation uses json)")
     calvin = commands.add_parser("calvin", help="CALVIN long-horizon metrics from recorded rollout results")
     calvin.add_argument("--results", required=True)
     rollout = commands.add_parser("rollout", help="closed-loop rollouts of an exported policy in a simulator")
@@ -281,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_keypoints(model, data, split=args.split, centre_crop=args.centre_crop, **settings)
         elif args.command == "where2place":
             metrics, answers = evaluate_where2place(args.data, model_dir=args.model, answers_file=args.answers,
-                                                    mode=args.mode)
+                                                    mode=args.mode, num_questions=args.num_questions)
             if args.save_answers:
                 Path(args.save_answers).write_text("".join(json.dumps(a) + "\n" for a in answers))
+        elif args.command == "kalie":
+            metrics = evaluate_kalie_predictions(args.predictions, args.labels, args.formatstyle)
         elif args.command == "rollout":
             metrics = _rollout_command(args)
         else:

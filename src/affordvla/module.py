@@ -137,7 +137,9 @@ class AffordVLAModule(L.LightningModule):
         self.evaluators[split].add(batch["samples"], texts, predictions)
 
     def _start_eval(self, split: str) -> None:
-        self.evaluators[split] = KeypointEvaluator(self.mean_keypoints)
+        codec = getattr(self.head, "codec", None)  # the regression head writes no answer text
+        self.evaluators[split] = KeypointEvaluator(self.mean_keypoints,
+                                                   kalie_answers=getattr(codec, "name", None) == "kalie_json")
 
     def _end_eval(self, split: str) -> None:
         metrics = self.evaluators[split].compute()
@@ -202,7 +204,7 @@ REGRESSION_WEIGHTS, REGRESSION_CONFIG = "keypoint_head.safetensors", "keypoint_h
 
 class KeypointRegressionModule(AffordVLAModule):
     """Backbone + KeypointRegressionHead on the keypoint datamodules. Validation and test go through the same
-    KeypointEvaluator as the text head, so keypoint_error, kalie_avg_mse etc. are directly comparable."""
+    KeypointEvaluator as the text head, so keypoint_error, kalie_corrected/avg_mse etc. are directly comparable."""
 
     def __init__(self, backbone: VLMBackbone, head: KeypointRegressionHead, optimizer, scheduler=None,
                  part_lr: dict[str, float] | None = None, freeze: list[str] | None = None, num_overlays: int = 8,

@@ -37,7 +37,7 @@ def _keypoint_figures(prefix: str, metrics: dict[str, float], wall: float) -> di
         f"{prefix}.mean_baseline_error": metrics["test/mean_baseline_error"],
         f"{prefix}.error_ratio_to_baseline": metrics["test/keypoint_error"] / metrics["test/mean_baseline_error"],
         f"{prefix}.parse_failure_rate": metrics["test/parse_failure_rate"],
-        f"{prefix}.kalie_avg_mse": metrics["test/kalie_avg_mse"],
+        f"{prefix}.kalie_avg_mse": metrics["test/kalie_corrected/avg_mse"],
         f"{prefix}.train_seconds": metrics["train_seconds"],
         f"{prefix}.wall_seconds": wall,
     }

@@ -82,14 +82,14 @@ class Where2PlaceCallback(L.Callback):
             backbone.train(was_training)
 
     def score(self, answers: list[dict], head) -> dict[str, float]:
-        from affordvla.data.robopoint import read_where2place
         from affordvla.evaluation.where2place import score_where2place
 
-        result = score_where2place(read_where2place(self.root), answers, mode=self.mode)
+        result = score_where2place(self.root, answers, mode=self.mode)
         unreadable = sum(head.codec.try_decode(a["text"]) is None for a in answers)
         metrics = {self.metric_prefix: 100 * result.score,
                    f"{self.metric_prefix}_parse_failure_rate": unreadable / len(answers) if answers else 0.0,
-                   f"{self.metric_prefix}_scored": float(result.scored)}
+                   f"{self.metric_prefix}_scored": float(result.scored),
+                   f"{self.metric_prefix}_skipped": float(len(result.skipped))}  # compat: questions left out
         if "unseen" in result.by_category:
             metrics[f"{self.metric_prefix}_h"] = 100 * result.by_category["unseen"]
         return metrics

@@ -1,5 +1,11 @@
 """Keypoint metrics over a split: mean L2 error (normalised image units), KALIE's per-point MSE on the 0-999
-scale with its parse-failure penalty, the parse-failure rate, and the predict-the-training-mean baseline.
+scale twice (`kalie_compat/...`: KALIE's own scoring rules, comparable with its figures; `kalie_corrected/...`:
+tolerant reading, all five points required, see evaluation/kalie_compat.py), the parse-failure rate, and the
+predict-the-training-mean baseline.
+
+The compat scorer reads answer text. When the model answers in KALIE's JSON (`kalie_answers=True`), that text is
+scored as generated; other answer formats (location tokens, tuples, a regression head) are scored through the
+KALIE answer their decoded points would be, an unreadable answer as an empty one (KALIE's sentinel).
 
 Samples marked `meta["point_set"] = True` (RoboPoint answers: any number of unordered points in a target region)
 are scored as point sets: the error is the symmetric mean nearest-point distance between the predicted and true
@@ -14,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from affordvla.data.sample import KeypointSample
-from affordvla.heads.codecs import kalie_point_scores
+from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
+from affordvla.evaluation.kalie_compat import KalieCompatScorer, corrected_metrics, kalie_corrected_scores
+from affordvla.heads.codecs import KalieJsonCodec
 
 # An answer that does not parse scores the largest distance inside the image, so failures never look good.
 UNPARSED_L2 = math.sqrt(2.0)
@@ -34,6 +41,8 @@ def point_set_errors(pred: np.ndarray, target: np.ndarray) -> tuple[float, float
 
 @dataclass
 class Prediction:
+    """One answer kept for overlays: the sample, the text and its decoded points (None when unreadable)."""
+
     sample: KeypointSample
     text: str
     keypoints: np.ndarray | None
@@ -41,12 +50,17 @@ class Prediction:
 
 @dataclass
 class KeypointEvaluator:
+    """Collects a split's predictions batch by batch (`add`) and reduces them to metrics (`compute`)."""
+
     mean_keypoints: np.ndarray | None = None
     keep: int = 16  # predictions kept for overlays
+    kalie_answers: bool = False  # the texts are KALIE JSON answers: compat-score them as written
     errors: list[float] = field(default_factory=list)
     parsed_errors: list[float] = field(default_factory=list)
     baseline_errors: list[float] = field(default_factory=list)
-    kalie_scores: list[dict[str, float]] = field(default_factory=list)
+    kalie_scores: list[dict[str, float]] = field(default_factory=list)  # corrected
+    kalie_compat: KalieCompatScorer = field(default_factory=KalieCompatScorer)
+    _kalie_codec: KalieJsonCodec = field(default_factory=KalieJsonCodec, init=False, repr=False)  # KALIE's text
     failures: int = 0
     set_precision_errors: list[float] = field(default_factory=list)  # point-set samples: predicted -> true
     set_recall_errors: list[float] = field(default_factory=list)  # point-set samples: true -> predicted
@@ -76,9 +90,18 @@ class KeypointEvaluator:
             elif self.mean_keypoints is not None and self.mean_keypoints.shape == target.shape:
                 self.baseline_errors.append(float(np.linalg.norm(self.mean_keypoints - target, axis=-1).mean()))
             if not point_set and len(target) == len(sample.point_names):
-                self.kalie_scores.append(kalie_point_scores(pred, target, sample.point_names))
+                self.kalie_scores.append(kalie_corrected_scores(pred, target, sample.point_names))
+            if not point_set and tuple(sample.point_names) == KALIE_POINT_NAMES:
+                self.kalie_compat.add(self._compat_answer(text, pred), self._kalie_codec.encode(target))
             if len(self.kept) < self.keep:
                 self.kept.append(Prediction(sample, text, pred))
+
+    def _compat_answer(self, text: str, pred: np.ndarray | None) -> str:
+        if self.kalie_answers:
+            return text
+        if pred is None or not np.isfinite(pred).all():
+            return ""  # no points: KALIE's sentinel
+        return self._kalie_codec.encode(pred)
 
     def compute(self) -> dict[str, float]:
         n = len(self.errors)
@@ -96,7 +119,6 @@ class KeypointEvaluator:
         if self.set_precision_errors:
             metrics["point_set_precision_error"] = float(np.mean(self.set_precision_errors))
             metrics["point_set_recall_error"] = float(np.mean(self.set_recall_errors))
-        if self.kalie_scores:
-            for key in ("avg_mse", "exact_match"):
-                metrics[f"kalie_{key}"] = float(np.mean([s[key] for s in self.kalie_scores]))
+        metrics.update(corrected_metrics(self.kalie_scores, "kalie_corrected/"))
+        metrics.update(self.kalie_compat.compute("kalie_compat/"))
         return metrics

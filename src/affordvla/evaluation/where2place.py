@@ -7,14 +7,22 @@
   point; tuples of other lengths are ignored;
 - the mask is the grayscale JPEG divided by 255 (soft values at its edges);
 - a question scores the mean mask value at its points (a point outside the image scores 0, no points score 0);
-- answers are matched to questions by line position, and a question whose scoring raises is left out of the mean.
+- answers are matched to questions by line position, and a question whose scoring raises is left out of the mean:
+  that includes a missing answer line, an answer without `text` and a null `text`;
+- the mask is `masks/{i:02d}.jpg` for the question on line i (0-based), whatever its `image` names; the images
+  themselves are not read.
 
 `corrected` fixes what the compat mode keeps: the image's own size, a thresholded mask (>= 0.5), answers matched
-by question_id, and every failure scored 0 instead of dropped.
+by question_id, the mask named after the question's image, and every failure (a missing answer included) scored 0
+instead of dropped.
+
+Answers are JSON lines as RoboPoint's `model_vqa` writes them (`question_id`, `prompt`, `text`, `answer_id`,
+`model_id`, then `category` or `metadata`); only `question_id` and `text` are read.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +91,12 @@ def load_mask(path: str | Path) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
 
 
-def score_answer_compat(text: str, mask: np.ndarray) -> float:
-    points = compat_points(text)
+def score_points_compat(points: np.ndarray, mask: np.ndarray) -> float:
     return float(_mask_values(mask, points).mean()) if len(points) else 0.0
+
+
+def score_answer_compat(text: str, mask: np.ndarray) -> float:
+    return score_points_compat(compat_points(text), mask)
 
 
 def score_answer_corrected(text: str, mask: np.ndarray) -> float:
@@ -97,34 +108,77 @@ def score_answer_corrected(text: str, mask: np.ndarray) -> float:
 
 
 @dataclass
+class ScoringQuestion:
+    """A question as the scorers need it: its line index, id, category and the two masks they read."""
+
+    index: int  # 0-based line of point_questions.jsonl
+    question_id: int | str
+    category: str
+    compat_mask: Path  # masks/{index:02d}.jpg, what the original opens
+    mask: Path  # masks/<image stem>.jpg, the question's own mask (corrected mode)
+
+
+def read_scoring_questions(root: str | Path) -> list[ScoringQuestion]:
+    """`point_questions.jsonl` of a Where2Place folder, for scoring only (images are not needed)."""
+    root = Path(root)
+    path = root / "point_questions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (expected a Where2Place folder: masks/ and "
+                                "point_questions.jsonl)")
+    questions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("image"), str):
+            raise ValueError(f"{path}, line {number}: expected an object with \"question_id\" and \"image\"")
+        index = len(questions)
+        questions.append(ScoringQuestion(index, row["question_id"], str(row.get("category", "")),
+                                         root / "masks" / f"{index:02d}.jpg",
+                                         root / "masks" / f"{Path(row['image']).stem}.jpg"))
+    return questions
+
+
+@dataclass
 class Where2PlaceResult:
+    """Scores of one answers file: the mean, per question and per category, and what compat mode skipped."""
+
     score: float  # mean over scored questions, in [0, 1] (the paper reports x100)
     scored: int
-    skipped: list[int | str] = field(default_factory=list)  # compat only: questions whose scoring raised
+    skipped: list[int] = field(default_factory=list)  # compat only: 0-based question numbers left out
     per_question: dict = field(default_factory=dict)  # question_id -> score
     by_category: dict[str, float] = field(default_factory=dict)  # seen / unseen (= Where2Place (h))
 
 
-def score_where2place(questions, answers: list[dict], mode: str = "compat") -> Where2PlaceResult:
-    """`questions` from `read_where2place` (file order); `answers` as dicts with "text" (and "question_id")."""
+def _mask(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: Where2Place mask not found")
+    return load_mask(path)
+
+
+def score_where2place(root: str | Path, answers: list, mode: str = "compat",
+                      num_questions: int | None = None) -> Where2PlaceResult:
+    """Score answers (JSON-lines records in file order) against the Where2Place folder `root`; the first
+    `num_questions` questions only when given (the original's --num_questions)."""
     if mode not in ("compat", "corrected"):
         raise ValueError(f"mode must be 'compat' or 'corrected', got {mode!r}")
+    questions = read_scoring_questions(root)[:num_questions]
     per_question, skipped, categories = {}, [], {}
-    if mode == "compat":
-        pairs = list(zip(questions, answers))  # by line position, as the original
-    else:
-        by_id = {a.get("question_id"): a for a in answers}
-        pairs = [(q, by_id.get(q.question_id, {"text": ""})) for q in questions]
-    for question, answer in pairs:
-        mask = load_mask(question.mask_path)
-        if mode == "compat":
+    by_id = {a.get("question_id"): a for a in answers if isinstance(a, dict)}
+    for question in questions:
+        if mode == "compat":  # by line position; a missing line, `text` or a null `text` raises here
             try:
-                value = score_answer_compat(answer["text"], mask)
-            except Exception:  # noqa: BLE001 - the original skips any question whose scoring raises
-                skipped.append(question.question_id)
+                points = compat_points(answers[question.index]["text"])
+            except Exception:  # noqa: BLE001 - the original skips any question whose answer parsing raises
+                skipped.append(question.index)
                 continue
+            value = score_points_compat(points, _mask(question.compat_mask))  # read after parsing, as there
         else:
-            value = score_answer_corrected(answer.get("text", ""), mask)
+            text = by_id.get(question.question_id, {}).get("text")
+            value = score_answer_corrected(text if isinstance(text, str) else "", _mask(question.mask))
         per_question[question.question_id] = value
         categories.setdefault(question.category, []).append(value)
     scores = list(per_question.values())

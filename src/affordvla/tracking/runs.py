@@ -18,7 +18,7 @@ from mlflow.entities import Run, ViewType
 TABLES_EXPERIMENT = "affordvla-tables"
 # What a training run is compared against: predicting the training set's mean keypoints.
 BASELINE_METRIC = "test/mean_baseline_error"
-KEY_TEST_METRICS = ("test/keypoint_error", "test/kalie_avg_mse", "test/parse_failure_rate")
+KEY_TEST_METRICS = ("test/keypoint_error", "test/kalie_corrected/avg_mse", "test/parse_failure_rate")
 # Tags every affordvla-train run carries (run_record.run_tags); `task_name` tells training runs from the
 # pre-training stage and from rendered tables, which live in the same store.
 TRAINING_RUN_TAG = "task_name"
