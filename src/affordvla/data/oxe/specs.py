@@ -49,7 +49,9 @@ class DatasetSpec:
     `gripper_constant`. `language` is the instruction key; `language_codepoints` marks a fixed-length int array
     of unicode code points padded with zeros (language_table). `relabel_from_state` (bridge) takes the xyz/rpy
     deltas as state[t+1] - state[t] over the first six state values and drops the last step; `drop_first` drops
-    step 0 (bridge's first action is all zeros)."""
+    step 0 (bridge's first action is all zeros). `absolute_pose` marks a dataset whose stored arm action is a
+    target end-effector pose rather than a delta; OpenVLA trains on it as is (normalised per dataset, not
+    differenced), and so does this reader."""
 
     name: str
     features: tuple[Feature, ...]
@@ -66,6 +68,7 @@ class DatasetSpec:
     state_encoding: str = "none"  # pos_euler | pos_quat | joint | none, as OpenVLA labels the proprio
     drop_first: bool = False
     relabel_from_state: bool = False
+    absolute_pose: bool = False
     tfds_name: str | None = None  # dataset_info.json's name when it differs from the folder's
     feature_shapes: dict[str, tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
@@ -115,7 +118,7 @@ def _rtx(name: str, images: dict[str, Feature], gripper: Feature | None, rule: s
 
 def _flat(name: str, images: dict[str, Feature], action_dim: int, state_dim: int, *, rule: str, xyz: int = 0,
           rot: int | None = 3, grip: int | None = 6, quaternion: bool = False, gripper_from_state: int | None = None,
-          state_encoding: str = "none") -> DatasetSpec:
+          state_encoding: str = "none", absolute_pose: bool = False) -> DatasetSpec:
     """The `_converted_externally_to_rlds` layout: one flat `action` vector, `observation/state` and a
     step-level `language_instruction`."""
     action, state = _vec("action", action_dim), _vec("observation/state", state_dim)
@@ -126,7 +129,8 @@ def _flat(name: str, images: dict[str, Feature], action_dim: int, state_dim: int
     return DatasetSpec(
         name, (*images.values(), action, state, _LI), {role: f.key for role, f in images.items()},
         Slice(action.key, xyz), _LI.key, rot=None if rot is None else Slice(action.key, rot, 4 if quaternion else 3),
-        rot_quaternion=quaternion, gripper=gripper, gripper_rule=rule, state=state.key, state_encoding=state_encoding)
+        rot_quaternion=quaternion, gripper=gripper, gripper_rule=rule, state=state.key, state_encoding=state_encoding,
+        absolute_pose=absolute_pose)
 
 
 def _cams(primary: Feature, wrist: Feature | None = None) -> dict[str, Feature]:
@@ -155,8 +159,8 @@ _SPECS = [
     _rtx("jaco_play", _cams(_img("observation/image", 224, 224), _img("observation/image_wrist", 224, 224)),
          _vec("action/gripper_closedness_action", 1), "rel2abs", rotation=False, state_encoding="pos_euler",
          extra=(_vec("observation/end_effector_cartesian_pos", 7),)),
-    _rtx("berkeley_cable_routing", _cams(_img("observation/image", 256, 256),
-                                         _img("observation/wrist45_image", 256, 256)),
+    _rtx("berkeley_cable_routing", _cams(_img("observation/image", 128, 128),
+                                         _img("observation/wrist45_image", 128, 128)),
          None, constant=0.0, state_encoding="joint", extra=(_vec("observation/robot_state", 7),)),
     _rtx("roboturk", _cams(_img("observation/front_rgb", 480, 640)), _vec("action/gripper_closedness_action", 1),
          "invert_clip"),
@@ -185,21 +189,22 @@ _SPECS = [
           _cams(_img("observation/image", 224, 224), _img("observation/wrist_image", 224, 224)), 8, 35,
           rule="invert_clip", quaternion=True, grip=7, state_encoding="pos_quat"),
     _flat("ucsd_kitchen_dataset_converted_externally_to_rlds", _cams(_img("observation/image", 480, 640)), 8, 21,
-          rule="as_is", state_encoding="joint"),
+          rule="as_is", state_encoding="joint", absolute_pose=True),
     _flat("austin_sailor_dataset_converted_externally_to_rlds",
           _cams(_img("observation/image", 128, 128), _img("observation/wrist_image", 128, 128)), 7, 8,
           rule="invert_clip", state_encoding="pos_quat"),
     _flat("austin_sirius_dataset_converted_externally_to_rlds",
           _cams(_img("observation/image", 84, 84), _img("observation/wrist_image", 84, 84)), 7, 8,
           rule="invert_clip", state_encoding="pos_quat"),
+    # its rotation slots hold yaw/pitch/roll (scipy "zxy"), which OpenVLA passes on unchanged as well
     _flat("dlr_edan_shared_control_converted_externally_to_rlds", _cams(_img("observation/image", 360, 640)), 7, 7,
-          rule="invert", state_encoding="pos_euler"),
+          rule="invert", state_encoding="pos_euler", absolute_pose=True),
     _flat("iamlab_cmu_pickup_insert_converted_externally_to_rlds",
           _cams(_img("observation/image", 360, 640), _img("observation/wrist_image", 240, 320)), 8, 20,
-          rule="as_is", quaternion=True, grip=7, state_encoding="joint"),
+          rule="as_is", quaternion=True, grip=7, state_encoding="joint", absolute_pose=True),
     _flat("utaustin_mutex", _cams(_img("observation/image", 128, 128), _img("observation/wrist_image", 128, 128)),
           7, 24, rule="invert_clip", state_encoding="joint"),
-    # stores no gripper action: the gripper state (1 closed) inverted stands in, as OpenVLA does
+    # stores no gripper action: state[6] (TFDS: "gripper open status") inverted stands in, as OpenVLA does
     _flat("berkeley_fanuc_manipulation",
           _cams(_img("observation/image", 224, 224), _img("observation/wrist_image", 224, 224)), 6, 13,
           rule="invert", gripper_from_state=6, state_encoding="joint"),
