@@ -193,7 +193,7 @@ def test_language_table_hand_worked_actions(tmp_path):
     assert episode.instruction == text
 
 
-@pytest.mark.parametrize("name", sorted(n for n in SPECS if n != "bridge_dataset"))
+@pytest.mark.parametrize("name", sorted(n for n, spec in SPECS.items() if spec.name == n))  # aliases left out
 def test_every_standardiser_on_its_published_layout(tmp_path, name):
     spec = SPECS[name]
     rng = np.random.default_rng(0)
@@ -315,10 +315,18 @@ PUBLISHED_SHAPES = {
     "berkeley_fanuc_manipulation": {"observation/image": (224, 224, 3), "observation/wrist_image": (224, 224, 3),
                                     "action": (6,), "observation/state": (13,)},
     "cmu_stretch": {"observation/image": (128, 128, 3), "action": (8,), "observation/state": (4,)},
+    "bc_z": {"observation/image": (171, 213, 3), "action/future/xyz_residual": (30,),
+             "action/future/axis_angle_residual": (30,), "action/future/target_close": (10,),
+             "observation/present/xyz": (3,), "observation/present/axis_angle": (3,),
+             "observation/present/sensed_close": (1,)},
+    "fmb_dataset": {"observation/image_side_1": (256, 256, 3), "observation/image_side_2": (256, 256, 3),
+                    "observation/image_wrist_1": (256, 256, 3), "action": (7,), "observation/eef_pose": (7,),
+                    "observation/state_gripper_pose": ()},
+    "dobbe": {"observation/wrist_image": (256, 256, 3), "action": (7,), "observation/state": (7,)},
 }
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED_SHAPES))
+@pytest.mark.parametrize("name", sorted(n for n, spec in SPECS.items() if spec.name == n))
 def test_spec_shapes_are_the_published_ones(name):
     spec = SPECS[name]
     assert {f.key: f.shape for f in spec.features if f.kind != "text"} == PUBLISHED_SHAPES[name]
@@ -359,6 +367,9 @@ FLAT_CASES = [
      [[9, 9, 9, 9, 9, 9, 9, 0.1, 0.2, 0.3, 0.01, 0.02, 0.03, -1.0, 0.0],
       [9, 9, 9, 9, 9, 9, 9, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 1.0, 1.0]], None,
      [[0.1, 0.2, 0.3, 0.01, 0.02, 0.03, 0.0], [0, 0, 0.1, 0, 0, 0, 1.0]]),
+    # stored as is: xyz, rpy, gripper (1 open)
+    ("dobbe", [[0.01, 0.02, 0.0, 0.1, 0.0, 0.0, 1.0], [0.0, 0.0, -0.01, 0.0, 0.2, 0.0, 0.0]], None,
+     [[0.01, 0.02, 0, 0.1, 0, 0, 1.0], [0, 0, -0.01, 0, 0.2, 0, 0.0]]),
     # 6-D action; the gripper is state[6] inverted
     ("berkeley_fanuc_manipulation",
      [[0.1, 0.2, 0.3, 0.0, 0.0, 0.1], [0.0, 0.0, 0.0, 0.2, 0.0, 0.0]], [1.0, 0.0],
@@ -399,3 +410,43 @@ def test_absolute_pose_datasets_are_marked():
     assert sorted(n for n, s in SPECS.items() if s.absolute_pose) == [
         "dlr_edan_shared_control_converted_externally_to_rlds",
         "iamlab_cmu_pickup_insert_converted_externally_to_rlds", "ucsd_kitchen_dataset_converted_externally_to_rlds"]
+
+
+def test_bc_z_hand_worked_actions(tmp_path):
+    # the first of 10 future steps: xyz and axis-angle residuals [0:3], target_close[0] (1 closed, int64) inverted
+    xyz = np.zeros((2, 30), np.float32)
+    xyz[:, :3] = [[0.01, 0.02, 0.03], [-0.01, 0.0, 0.05]]
+    xyz[:, 3:] = 9.0  # later future steps are not read
+    axis_angle = np.zeros((2, 30), np.float32)
+    axis_angle[:, :3] = [[0.1, 0.0, -0.1], [0.0, 0.2, 0.0]]
+    close = np.zeros((2, 10), np.int64)
+    close[:, 0] = [1, 0]
+    close[:, 1:] = 1
+    write_rlds_dataset(tmp_path, "bc_z", {"train": [{
+        "steps/observation/image": [_jpeg(5, (171, 213))] * 2, "steps/action/future/xyz_residual": xyz.reshape(-1),
+        "steps/action/future/axis_angle_residual": axis_angle.reshape(-1),
+        "steps/action/future/target_close": close.reshape(-1),
+        "steps/observation/natural_language_instruction": [b"place the sponge in the tray"] * 2}]}, shards=1)
+    data = RLDSDataset.open(tmp_path, "bc_z")
+    assert read_features(data.path / "features.json")["steps/action/future/target_close"] == ("int64", (10,))
+    episode = next(data.episodes("train"))
+    np.testing.assert_allclose(episode.actions, [[0.01, 0.02, 0.03, 0.1, 0.0, -0.1, 0.0],
+                                                 [-0.01, 0.0, 0.05, 0.0, 0.2, 0.0, 1.0]], atol=1e-7)
+    assert episode.instruction == "place the sponge in the tray"
+
+
+def test_fmb_reads_under_its_tfds_name_with_wrist_camera(tmp_path):
+    # OpenVLA's fmb_dataset folder holding TFDS's fmb shards; the action is taken as stored
+    action = np.array([[0.01, 0.0, 0.02, 0.0, 0.1, 0.0, 1.0], [0.0, 0.01, 0.0, 0.0, 0.0, -0.1, 0.0]], np.float32)
+    write_rlds_dataset(tmp_path, "fmb_dataset", {"train": [{
+        "steps/observation/image_side_1": [_jpeg(40, (256, 256))] * 2,
+        "steps/observation/image_side_2": [_jpeg(80, (256, 256))] * 2,
+        "steps/observation/image_wrist_1": [_jpeg(120, (256, 256))] * 2, "steps/action": action.reshape(-1),
+        "steps/observation/eef_pose": np.zeros(14, np.float32),
+        "steps/observation/state_gripper_pose": np.zeros(2, np.float32),
+        "steps/language_instruction": [b"insert the peg"] * 2}]}, shards=1)
+    data = RLDSDataset.open(tmp_path, "fmb_dataset")
+    assert data.tfds_name == "fmb"
+    episode = next(data.episodes("train", cameras=("primary", "wrist")))
+    np.testing.assert_allclose(episode.actions, action, atol=1e-7)
+    assert round(float(episode.images.mean())) == 40 and round(float(episode.extra_images["wrist"].mean())) == 120

@@ -23,7 +23,8 @@ GRIPPER_RULES = (
 
 @dataclass(frozen=True)
 class Feature:
-    """A per-step feature of the published layout: key, kind (image, float, int, bool, text) and per-step shape."""
+    """A per-step feature of the published layout: key, kind (image, float, int, int64, bool, text) and per-step
+    shape."""
 
     key: str
     kind: str
@@ -209,10 +210,30 @@ _SPECS = [
           _cams(_img("observation/image", 224, 224), _img("observation/wrist_image", 224, 224)), 6, 13,
           rule="invert", gripper_from_state=6, state_encoding="joint"),
     _flat("cmu_stretch", _cams(_img("observation/image", 128, 128)), 8, 4, rule="as_is", state_encoding="pos_euler"),
+    # oxe_magic_soup_plus: the first of the next 10 future steps; the rotation is an axis-angle delta, which OpenVLA
+    # passes on in the roll-pitch-yaw slots; target_close is absolute (1 closed) and inverted
+    DatasetSpec(
+        "bc_z", (_img("observation/image", 171, 213), _vec("action/future/xyz_residual", 30),
+                 _vec("action/future/axis_angle_residual", 30), Feature("action/future/target_close", "int64", (10,)),
+                 _NL, _vec("observation/present/xyz", 3), _vec("observation/present/axis_angle", 3),
+                 _vec("observation/present/sensed_close", 1)),
+        {"primary": "observation/image"}, Slice("action/future/xyz_residual", 0), _NL.key,
+        rot=Slice("action/future/axis_angle_residual", 0), gripper=Slice("action/future/target_close", 0, 1),
+        gripper_rule="invert", state_encoding="pos_euler"),
+    # TFDS names it fmb; OpenVLA's mixtures call the folder fmb_dataset. Its 7-D action is taken as stored.
+    DatasetSpec(
+        "fmb_dataset", (_img("observation/image_side_1", 256, 256), _img("observation/image_side_2", 256, 256),
+                        _img("observation/image_wrist_1", 256, 256), _vec("action", 7), _vec("observation/eef_pose", 7),
+                        _vec("observation/state_gripper_pose"), _LI),
+        {"primary": "observation/image_side_1", "wrist": "observation/image_wrist_1"}, Slice("action", 0), _LI.key,
+        rot=Slice("action", 3), gripper=Slice("action", 6, 1), state_encoding="pos_euler", tfds_name="fmb"),
+    # a hand-held gripper camera is its only (and primary) view, as in OpenVLA
+    _flat("dobbe", _cams(_img("observation/wrist_image", 256, 256)), 7, 7, rule="as_is", state_encoding="pos_euler"),
 ]
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
 # the Bridge V2 release from the project site is also downloaded under its TFDS name
 SPECS["bridge_dataset"] = SPECS["bridge_orig"]
+SPECS["fmb"] = SPECS["fmb_dataset"]
 
 _MAGIC_SOUP = [
     ("fractal20220817_data", 0.54087122203), ("kuka", 0.8341046294), ("bridge_orig", 1.0), ("taco_play", 2.0),
@@ -242,6 +263,12 @@ MIXTURES: dict[str, list[tuple[str, float]]] = {
         ("berkeley_autolab_ur5", 1.0), ("toto", 1.0),
     ],
     "oxe_magic_soup": _MAGIC_SOUP,
+    # the magic soup plus bc_z, fmb and dobbe, without language_table, fractal at weight 1 (OpenVLA's; its
+    # oxe_magic_soup_plus adds DROID, which has no standardisation here)
+    "oxe_magic_soup_plus_minus": [
+        ("fractal20220817_data", 1.0), *(entry for entry in _MAGIC_SOUP[1:] if entry[0] != "language_table"),
+        ("bc_z", 0.2), ("fmb_dataset", 1.0), ("dobbe", 0.2),
+    ],
 }
 
 
