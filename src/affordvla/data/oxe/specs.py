@@ -1,6 +1,7 @@
 """One spec per Open X-Embodiment dataset: its published feature layout (the per-step keys of its features.json
 with their shapes) and how its action becomes the common 7-D end-effector action (xyz delta, rpy delta,
-gripper in [0, 1] with 1 = open), following OpenVLA's and Octo's standardisation of the same dataset.
+gripper in [0, 1] with 1 = open), following OpenVLA's and Octo's standardisation of the same dataset (which, like
+them, passes an absolute pose or an axis-angle rotation on where that is what a dataset stores).
 
 Keys are the flattened per-step feature names without the `steps/` prefix (`observation/image`, `action`, ...).
 The named mixtures are OpenVLA's, with its sampling weights.

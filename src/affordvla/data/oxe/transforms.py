@@ -19,8 +19,9 @@ class OXEFormatError(ValueError):
 
 @dataclass
 class Episode:
-    """One standardised episode: primary camera frames, 7-D actions (6 end-effector deltas + gripper, 1 open),
-    the instruction, where it came from, and the other requested camera roles."""
+    """One standardised episode: primary camera frames, 7-D actions (6 end-effector values, deltas unless the spec
+    is `absolute_pose`, + gripper, 1 open), the instruction, where it came from, and the other requested camera
+    roles."""
 
     images: np.ndarray  # (T, H, W, 3) uint8, the primary camera
     actions: np.ndarray  # (T, 7) float32
