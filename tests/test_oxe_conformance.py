@@ -193,7 +193,7 @@ def test_language_table_hand_worked_actions(tmp_path):
     assert episode.instruction == text
 
 
-@pytest.mark.parametrize("name", sorted(n for n in SPECS if n != "bridge_dataset"))
+@pytest.mark.parametrize("name", sorted(n for n, spec in SPECS.items() if spec.name == n))  # aliases left out
 def test_every_standardiser_on_its_published_layout(tmp_path, name):
     spec = SPECS[name]
     rng = np.random.default_rng(0)
@@ -254,3 +254,199 @@ def test_shards_are_checked_against_dataset_info_up_front(bridge_download):
     shard.write_bytes(first)  # intact framing, one episode where dataset_info.json says two
     with pytest.raises(OXEFormatError, match=r"shard .*00000-of-00002 holds 1 episodes, dataset_info.json says 2"):
         RLDSDataset.open(bridge_download, "bridge_orig")
+
+
+# Per-step shapes as TFDS's catalog pages (docs/catalog/<name>.md of tensorflow/datasets) list them, written out by
+# hand: bridge_orig (the project-site release) from its features.json above; furniture_bench, whose page the catalog
+# lacks, from the FurnitureBench docs (224 px cameras) and the slices OpenVLA takes (8-D action, 35-D state).
+PUBLISHED_SHAPES = {
+    "fractal20220817_data": {"observation/image": (256, 320, 3), "action/world_vector": (3,),
+                             "action/rotation_delta": (3,), "action/gripper_closedness_action": (1,),
+                             "observation/base_pose_tool_reached": (7,), "observation/gripper_closed": (1,)},
+    "kuka": {"observation/image": (512, 640, 3), "action/world_vector": (3,), "action/rotation_delta": (3,),
+             "action/gripper_closedness_action": (1,)},
+    "bridge_orig": {"observation/image_0": (256, 256, 3), "observation/image_1": (256, 256, 3),
+                    "observation/state": (7,), "action": (7,)},
+    "taco_play": {"observation/rgb_static": (150, 200, 3), "observation/rgb_gripper": (84, 84, 3),
+                  "observation/robot_obs": (15,), "action/rel_actions_world": (7,)},
+    "jaco_play": {"observation/image": (224, 224, 3), "observation/image_wrist": (224, 224, 3),
+                  "action/world_vector": (3,), "action/gripper_closedness_action": (1,),
+                  "observation/end_effector_cartesian_pos": (7,)},
+    "berkeley_cable_routing": {"observation/image": (128, 128, 3), "observation/wrist45_image": (128, 128, 3),
+                               "action/world_vector": (3,), "action/rotation_delta": (3,),
+                               "observation/robot_state": (7,)},
+    "roboturk": {"observation/front_rgb": (480, 640, 3), "action/world_vector": (3,), "action/rotation_delta": (3,),
+                 "action/gripper_closedness_action": (1,)},
+    "viola": {"observation/agentview_rgb": (224, 224, 3), "observation/eye_in_hand_rgb": (224, 224, 3),
+              "action/world_vector": (3,), "action/rotation_delta": (3,), "action/gripper_closedness_action": ()},
+    "berkeley_autolab_ur5": {"observation/image": (480, 640, 3), "observation/hand_image": (480, 640, 3),
+                             "action/world_vector": (3,), "action/rotation_delta": (3,),
+                             "action/gripper_closedness_action": (), "observation/robot_state": (15,)},
+    "toto": {"observation/image": (480, 640, 3), "action/world_vector": (3,), "action/rotation_delta": (3,),
+             "action/open_gripper": (), "observation/state": (7,)},
+    "language_table": {"observation/rgb": (360, 640, 3), "action": (2,), "observation/instruction": (512,),
+                       "observation/effector_translation": (2,)},
+    "stanford_hydra_dataset_converted_externally_to_rlds": {
+        "observation/image": (240, 320, 3), "observation/wrist_image": (240, 320, 3), "action": (7,),
+        "observation/state": (27,)},
+    "austin_buds_dataset_converted_externally_to_rlds": {
+        "observation/image": (128, 128, 3), "observation/wrist_image": (128, 128, 3), "action": (7,),
+        "observation/state": (24,)},
+    "nyu_franka_play_dataset_converted_externally_to_rlds": {
+        "observation/image": (128, 128, 3), "action": (15,), "observation/state": (13,)},
+    "furniture_bench_dataset_converted_externally_to_rlds": {
+        "observation/image": (224, 224, 3), "observation/wrist_image": (224, 224, 3), "action": (8,),
+        "observation/state": (35,)},
+    "ucsd_kitchen_dataset_converted_externally_to_rlds": {
+        "observation/image": (480, 640, 3), "action": (8,), "observation/state": (21,)},
+    "austin_sailor_dataset_converted_externally_to_rlds": {
+        "observation/image": (128, 128, 3), "observation/wrist_image": (128, 128, 3), "action": (7,),
+        "observation/state": (8,)},
+    "austin_sirius_dataset_converted_externally_to_rlds": {
+        "observation/image": (84, 84, 3), "observation/wrist_image": (84, 84, 3), "action": (7,),
+        "observation/state": (8,)},
+    "dlr_edan_shared_control_converted_externally_to_rlds": {
+        "observation/image": (360, 640, 3), "action": (7,), "observation/state": (7,)},
+    "iamlab_cmu_pickup_insert_converted_externally_to_rlds": {
+        "observation/image": (360, 640, 3), "observation/wrist_image": (240, 320, 3), "action": (8,),
+        "observation/state": (20,)},
+    "utaustin_mutex": {"observation/image": (128, 128, 3), "observation/wrist_image": (128, 128, 3), "action": (7,),
+                       "observation/state": (24,)},
+    "berkeley_fanuc_manipulation": {"observation/image": (224, 224, 3), "observation/wrist_image": (224, 224, 3),
+                                    "action": (6,), "observation/state": (13,)},
+    "cmu_stretch": {"observation/image": (128, 128, 3), "action": (8,), "observation/state": (4,)},
+    "bc_z": {"observation/image": (171, 213, 3), "action/future/xyz_residual": (30,),
+             "action/future/axis_angle_residual": (30,), "action/future/target_close": (10,),
+             "observation/present/xyz": (3,), "observation/present/axis_angle": (3,),
+             "observation/present/sensed_close": (1,)},
+    "fmb_dataset": {"observation/image_side_1": (256, 256, 3), "observation/image_side_2": (256, 256, 3),
+                    "observation/image_wrist_1": (256, 256, 3), "action": (7,), "observation/eef_pose": (7,),
+                    "observation/state_gripper_pose": ()},
+    "dobbe": {"observation/wrist_image": (256, 256, 3), "action": (7,), "observation/state": (7,)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in SPECS.items() if spec.name == n))
+def test_spec_shapes_are_the_published_ones(name):
+    spec = SPECS[name]
+    assert {f.key: f.shape for f in spec.features if f.kind != "text"} == PUBLISHED_SHAPES[name]
+
+
+# (dataset, stored action rows, gripper-state column where the gripper comes from the state, standardised rows),
+# each worked out by hand from OpenVLA's transform for the dataset
+FLAT_CASES = [
+    # 1 closes: inverted, no clip
+    ("stanford_hydra_dataset_converted_externally_to_rlds",
+     [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], None,
+     [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.0], [0, 0, 0, 0, 0, 0, 1.0]]),
+    ("dlr_edan_shared_control_converted_externally_to_rlds",
+     [[0.5, -0.1, 0.7, 0.3, 0.2, 0.1, 1.0], [0.5, -0.1, 0.6, 0.3, 0.2, 0.1, 0.0]], None,
+     [[0.5, -0.1, 0.7, 0.3, 0.2, 0.1, 0.0], [0.5, -0.1, 0.6, 0.3, 0.2, 0.1, 1.0]]),
+    # +1 closes, -1 opens: clipped to [0, 1], then inverted
+    ("austin_buds_dataset_converted_externally_to_rlds",
+     [[0.1, 0.0, 0.0, 0.0, 0.0, 0.2, 1.0], [0.0, 0.3, 0.0, 0.0, 0.0, 0.0, -1.0]], None,
+     [[0.1, 0, 0, 0, 0, 0.2, 0.0], [0, 0.3, 0, 0, 0, 0, 1.0]]),
+    ("austin_sailor_dataset_converted_externally_to_rlds",
+     [[0.1, 0.0, 0.0, 0.0, 0.0, 0.2, -1.0], [0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 1.0]], None,
+     [[0.1, 0, 0, 0, 0, 0.2, 1.0], [0, 0.3, 0, 0, 0, 0, 0.0]]),
+    ("austin_sirius_dataset_converted_externally_to_rlds",
+     [[0.1, 0.0, 0.0, 0.0, 0.0, 0.2, -1.0], [0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 1.0]], None,
+     [[0.1, 0, 0, 0, 0, 0.2, 1.0], [0, 0.3, 0, 0, 0, 0, 0.0]]),
+    ("utaustin_mutex",
+     [[0.1, 0.0, 0.0, 0.0, 0.0, 0.2, 1.0], [0.0, 0.3, 0.0, 0.0, 0.0, 0.0, -1.0]], None,
+     [[0.1, 0, 0, 0, 0, 0.2, 0.0], [0, 0.3, 0, 0, 0, 0, 1.0]]),
+    # 8-D (pose, gripper 1 open, terminate): the terminate flag dropped, the gripper kept
+    ("ucsd_kitchen_dataset_converted_externally_to_rlds",
+     [[0.4, 0.1, 0.2, 10.0, 20.0, 30.0, 1.0, 0.0], [0.4, 0.1, 0.3, 10.0, 20.0, 30.0, 0.0, 1.0]], None,
+     [[0.4, 0.1, 0.2, 10.0, 20.0, 30.0, 1.0], [0.4, 0.1, 0.3, 10.0, 20.0, 30.0, 0.0]]),
+    ("cmu_stretch",
+     [[0.01, 0.0, 0.02, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -0.02, 0.0, 0.0, 0.0, 1.0, 1.0]], None,
+     [[0.01, 0, 0.02, 0, 0, 0, 0.0], [0, 0, -0.02, 0, 0, 0, 1.0]]),
+    # 15-D: 7 joint velocities first, then xyz, rpy, gripper (-1 closed, clipped), terminate
+    ("nyu_franka_play_dataset_converted_externally_to_rlds",
+     [[9, 9, 9, 9, 9, 9, 9, 0.1, 0.2, 0.3, 0.01, 0.02, 0.03, -1.0, 0.0],
+      [9, 9, 9, 9, 9, 9, 9, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 1.0, 1.0]], None,
+     [[0.1, 0.2, 0.3, 0.01, 0.02, 0.03, 0.0], [0, 0, 0.1, 0, 0, 0, 1.0]]),
+    # stored as is: xyz, rpy, gripper (1 open)
+    ("dobbe", [[0.01, 0.02, 0.0, 0.1, 0.0, 0.0, 1.0], [0.0, 0.0, -0.01, 0.0, 0.2, 0.0, 0.0]], None,
+     [[0.01, 0.02, 0, 0.1, 0, 0, 1.0], [0, 0, -0.01, 0, 0.2, 0, 0.0]]),
+    # 6-D action; the gripper is state[6] inverted
+    ("berkeley_fanuc_manipulation",
+     [[0.1, 0.2, 0.3, 0.0, 0.0, 0.1], [0.0, 0.0, 0.0, 0.2, 0.0, 0.0]], [1.0, 0.0],
+     [[0.1, 0.2, 0.3, 0, 0, 0.1, 0.0], [0, 0, 0, 0.2, 0, 0, 1.0]]),
+]
+
+
+@pytest.mark.parametrize("name, action, gripper_state, expected", FLAT_CASES, ids=[c[0] for c in FLAT_CASES])
+def test_flat_layout_hand_worked_actions(tmp_path, name, action, gripper_state, expected):
+    spec = SPECS[name]
+    state = np.zeros((2, spec.feature_shapes["observation/state"][0]), np.float32)
+    if gripper_state is not None:
+        state[:, 6] = gripper_state
+    episode = {f"steps/{key}": [_jpeg(5)] * 2 for key in spec.images.values()}
+    episode.update({"steps/action": np.array(action, np.float32).reshape(-1),
+                    "steps/observation/state": state.reshape(-1), "steps/language_instruction": [b"do it"] * 2})
+    np.testing.assert_allclose(_read_one(tmp_path, name, episode).actions, expected, atol=1e-6)
+
+
+def test_quaternions_convert_as_tensorflow_graphics_does(tmp_path):
+    # iamlab: xyz, an xyzw quaternion, gripper (1 open, as is). Step 0: the all-zero quaternion -> zeros (no
+    # normalisation). Step 1: yaw 30 then pitch 90 degrees, q = qz(30) * qy(90) = (-s sin15, s cos15, s sin15,
+    # s cos15) with s = sqrt(1/2); at gimbal lock yaw is set to 0 and the turn goes to roll: r20 = -1, r01 = -1/2,
+    # r02 = sqrt(3)/2, roll = atan2(-1/2, sqrt(3)/2) = -pi/6, pitch = pi/2.
+    s, s15, c15 = np.sqrt(0.5), np.sin(np.pi / 12), np.cos(np.pi / 12)
+    action = np.array([[0.5, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 1.0],
+                       [0.5, 0.1, 0.2, -s * s15, s * c15, s * s15, s * c15, 0.0]], np.float32)
+    episode = _read_one(tmp_path, "iamlab_cmu_pickup_insert_converted_externally_to_rlds", {
+        "steps/observation/image": [_jpeg(5)] * 2, "steps/observation/wrist_image": [_jpeg(5)] * 2,
+        "steps/action": action.reshape(-1), "steps/observation/state": np.zeros(40, np.float32),
+        "steps/language_instruction": [b"insert the peg"] * 2})
+    np.testing.assert_allclose(episode.actions, [[0.5, 0, 0.2, 0, 0, 0, 1.0],
+                                                 [0.5, 0.1, 0.2, -np.pi / 6, np.pi / 2, 0, 0.0]], atol=1e-5)
+
+
+def test_absolute_pose_datasets_are_marked():
+    # TFDS describes these actions as end-effector positions/orientations, not deltas
+    assert sorted(n for n, s in SPECS.items() if s.absolute_pose) == [
+        "dlr_edan_shared_control_converted_externally_to_rlds",
+        "iamlab_cmu_pickup_insert_converted_externally_to_rlds", "ucsd_kitchen_dataset_converted_externally_to_rlds"]
+
+
+def test_bc_z_hand_worked_actions(tmp_path):
+    # the first of 10 future steps: xyz and axis-angle residuals [0:3], target_close[0] (1 closed, int64) inverted
+    xyz = np.zeros((2, 30), np.float32)
+    xyz[:, :3] = [[0.01, 0.02, 0.03], [-0.01, 0.0, 0.05]]
+    xyz[:, 3:] = 9.0  # later future steps are not read
+    axis_angle = np.zeros((2, 30), np.float32)
+    axis_angle[:, :3] = [[0.1, 0.0, -0.1], [0.0, 0.2, 0.0]]
+    close = np.zeros((2, 10), np.int64)
+    close[:, 0] = [1, 0]
+    close[:, 1:] = 1
+    write_rlds_dataset(tmp_path, "bc_z", {"train": [{
+        "steps/observation/image": [_jpeg(5, (171, 213))] * 2, "steps/action/future/xyz_residual": xyz.reshape(-1),
+        "steps/action/future/axis_angle_residual": axis_angle.reshape(-1),
+        "steps/action/future/target_close": close.reshape(-1),
+        "steps/observation/natural_language_instruction": [b"place the sponge in the tray"] * 2}]}, shards=1)
+    data = RLDSDataset.open(tmp_path, "bc_z")
+    assert read_features(data.path / "features.json")["steps/action/future/target_close"] == ("int64", (10,))
+    episode = next(data.episodes("train"))
+    np.testing.assert_allclose(episode.actions, [[0.01, 0.02, 0.03, 0.1, 0.0, -0.1, 0.0],
+                                                 [-0.01, 0.0, 0.05, 0.0, 0.2, 0.0, 1.0]], atol=1e-7)
+    assert episode.instruction == "place the sponge in the tray"
+
+
+def test_fmb_reads_under_its_tfds_name_with_wrist_camera(tmp_path):
+    # OpenVLA's fmb_dataset folder holding TFDS's fmb shards; the action is taken as stored
+    action = np.array([[0.01, 0.0, 0.02, 0.0, 0.1, 0.0, 1.0], [0.0, 0.01, 0.0, 0.0, 0.0, -0.1, 0.0]], np.float32)
+    write_rlds_dataset(tmp_path, "fmb_dataset", {"train": [{
+        "steps/observation/image_side_1": [_jpeg(40, (256, 256))] * 2,
+        "steps/observation/image_side_2": [_jpeg(80, (256, 256))] * 2,
+        "steps/observation/image_wrist_1": [_jpeg(120, (256, 256))] * 2, "steps/action": action.reshape(-1),
+        "steps/observation/eef_pose": np.zeros(14, np.float32),
+        "steps/observation/state_gripper_pose": np.zeros(2, np.float32),
+        "steps/language_instruction": [b"insert the peg"] * 2}]}, shards=1)
+    data = RLDSDataset.open(tmp_path, "fmb_dataset")
+    assert data.tfds_name == "fmb"
+    episode = next(data.episodes("train", cameras=("primary", "wrist")))
+    np.testing.assert_allclose(episode.actions, action, atol=1e-7)
+    assert round(float(episode.images.mean())) == 40 and round(float(episode.extra_images["wrist"].mean())) == 120

@@ -16,6 +16,12 @@ def test_every_dataset_of_the_mixtures_has_a_standardisation():
         assert resolve_mixture(name) == entries
     assert len(MIXTURES["oxe_magic_soup"]) == 23
     assert set(SPECS) >= {n for entries in MIXTURES.values() for n, _ in entries}
+    # OpenVLA's plus-minus soup: the magic soup without language_table, fractal at 1, and bc_z, fmb and dobbe
+    plus_minus = dict(MIXTURES["oxe_magic_soup_plus_minus"])
+    assert len(plus_minus) == 25 and "language_table" not in plus_minus and plus_minus["fractal20220817_data"] == 1.0
+    assert [(n, plus_minus[n]) for n in ("bc_z", "fmb_dataset", "dobbe")] == [("bc_z", 0.2), ("fmb_dataset", 1.0),
+                                                                              ("dobbe", 0.2)]
+    assert sum(plus_minus.values()) == pytest.approx(28.2 + 0.8341046294 + 1.0 - 0.1 + 1.4)
 
 
 def test_unknown_dataset_fails_when_the_config_is_instantiated(tmp_path):

@@ -103,10 +103,12 @@ def synthetic_episode(spec: DatasetSpec, steps: int, rng: np.random.Generator, i
             features[name] = [instruction.encode()] * steps
         elif feature.kind == "bool":
             features[name] = rng.integers(0, 2, (steps, max(1, int(np.prod(feature.shape)))))
-        elif feature.kind == "int":  # language_table's instruction: unicode code points padded with zeros
+        elif spec.language_codepoints and feature.key == spec.language:  # unicode code points padded with 0
             row = np.zeros(feature.shape[0], np.int64)
             row[: len(instruction)] = [ord(c) for c in instruction]
             features[name] = np.tile(row, steps)
+        elif feature.kind in ("int", "int64"):
+            features[name] = np.zeros((steps, max(1, int(np.prod(feature.shape)))), np.int64)
         else:
             size = int(np.prod(feature.shape)) if feature.shape else 1
             values = rng.uniform(-0.05, 0.05, (steps, size)).astype(np.float32)

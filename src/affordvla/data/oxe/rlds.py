@@ -269,7 +269,7 @@ def _feature_json(kind: str, shape: tuple[int, ...]) -> dict:
                 "image": {"shape": {"dimensions": [str(d) for d in shape]}, "dtype": "uint8", "encodingFormat": "jpeg"}}
     if kind == "text":
         return {"pythonClassName": "tensorflow_datasets.core.features.text_feature.Text", "text": {}}
-    dtype = {"float": "float32", "int": "int32", "bool": "bool"}[kind]
+    dtype = {"float": "float32", "int": "int32", "int64": "int64", "bool": "bool"}[kind]
     return {"pythonClassName": "tensorflow_datasets.core.features.tensor_feature.Tensor",
             "tensor": {"shape": {"dimensions": [str(d) for d in shape]} if shape else {}, "dtype": dtype,
                        "encoding": "none"}}

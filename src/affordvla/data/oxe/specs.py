@@ -1,6 +1,7 @@
 """One spec per Open X-Embodiment dataset: its published feature layout (the per-step keys of its features.json
 with their shapes) and how its action becomes the common 7-D end-effector action (xyz delta, rpy delta,
-gripper in [0, 1] with 1 = open), following OpenVLA's and Octo's standardisation of the same dataset.
+gripper in [0, 1] with 1 = open), following OpenVLA's and Octo's standardisation of the same dataset (which, like
+them, passes an absolute pose or an axis-angle rotation on where that is what a dataset stores).
 
 Keys are the flattened per-step feature names without the `steps/` prefix (`observation/image`, `action`, ...).
 The named mixtures are OpenVLA's, with its sampling weights.
@@ -23,7 +24,8 @@ GRIPPER_RULES = (
 
 @dataclass(frozen=True)
 class Feature:
-    """A per-step feature of the published layout: key, kind (image, float, int, bool, text) and per-step shape."""
+    """A per-step feature of the published layout: key, kind (image, float, int, int64, bool, text) and per-step
+    shape."""
 
     key: str
     kind: str
@@ -49,7 +51,9 @@ class DatasetSpec:
     `gripper_constant`. `language` is the instruction key; `language_codepoints` marks a fixed-length int array
     of unicode code points padded with zeros (language_table). `relabel_from_state` (bridge) takes the xyz/rpy
     deltas as state[t+1] - state[t] over the first six state values and drops the last step; `drop_first` drops
-    step 0 (bridge's first action is all zeros)."""
+    step 0 (bridge's first action is all zeros). `absolute_pose` marks a dataset whose stored arm action is a
+    target end-effector pose rather than a delta; OpenVLA trains on it as is (normalised per dataset, not
+    differenced), and so does this reader."""
 
     name: str
     features: tuple[Feature, ...]
@@ -66,6 +70,7 @@ class DatasetSpec:
     state_encoding: str = "none"  # pos_euler | pos_quat | joint | none, as OpenVLA labels the proprio
     drop_first: bool = False
     relabel_from_state: bool = False
+    absolute_pose: bool = False
     tfds_name: str | None = None  # dataset_info.json's name when it differs from the folder's
     feature_shapes: dict[str, tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
@@ -115,7 +120,7 @@ def _rtx(name: str, images: dict[str, Feature], gripper: Feature | None, rule: s
 
 def _flat(name: str, images: dict[str, Feature], action_dim: int, state_dim: int, *, rule: str, xyz: int = 0,
           rot: int | None = 3, grip: int | None = 6, quaternion: bool = False, gripper_from_state: int | None = None,
-          state_encoding: str = "none") -> DatasetSpec:
+          state_encoding: str = "none", absolute_pose: bool = False) -> DatasetSpec:
     """The `_converted_externally_to_rlds` layout: one flat `action` vector, `observation/state` and a
     step-level `language_instruction`."""
     action, state = _vec("action", action_dim), _vec("observation/state", state_dim)
@@ -126,7 +131,8 @@ def _flat(name: str, images: dict[str, Feature], action_dim: int, state_dim: int
     return DatasetSpec(
         name, (*images.values(), action, state, _LI), {role: f.key for role, f in images.items()},
         Slice(action.key, xyz), _LI.key, rot=None if rot is None else Slice(action.key, rot, 4 if quaternion else 3),
-        rot_quaternion=quaternion, gripper=gripper, gripper_rule=rule, state=state.key, state_encoding=state_encoding)
+        rot_quaternion=quaternion, gripper=gripper, gripper_rule=rule, state=state.key, state_encoding=state_encoding,
+        absolute_pose=absolute_pose)
 
 
 def _cams(primary: Feature, wrist: Feature | None = None) -> dict[str, Feature]:
@@ -155,8 +161,8 @@ _SPECS = [
     _rtx("jaco_play", _cams(_img("observation/image", 224, 224), _img("observation/image_wrist", 224, 224)),
          _vec("action/gripper_closedness_action", 1), "rel2abs", rotation=False, state_encoding="pos_euler",
          extra=(_vec("observation/end_effector_cartesian_pos", 7),)),
-    _rtx("berkeley_cable_routing", _cams(_img("observation/image", 256, 256),
-                                         _img("observation/wrist45_image", 256, 256)),
+    _rtx("berkeley_cable_routing", _cams(_img("observation/image", 128, 128),
+                                         _img("observation/wrist45_image", 128, 128)),
          None, constant=0.0, state_encoding="joint", extra=(_vec("observation/robot_state", 7),)),
     _rtx("roboturk", _cams(_img("observation/front_rgb", 480, 640)), _vec("action/gripper_closedness_action", 1),
          "invert_clip"),
@@ -185,29 +191,50 @@ _SPECS = [
           _cams(_img("observation/image", 224, 224), _img("observation/wrist_image", 224, 224)), 8, 35,
           rule="invert_clip", quaternion=True, grip=7, state_encoding="pos_quat"),
     _flat("ucsd_kitchen_dataset_converted_externally_to_rlds", _cams(_img("observation/image", 480, 640)), 8, 21,
-          rule="as_is", state_encoding="joint"),
+          rule="as_is", state_encoding="joint", absolute_pose=True),
     _flat("austin_sailor_dataset_converted_externally_to_rlds",
           _cams(_img("observation/image", 128, 128), _img("observation/wrist_image", 128, 128)), 7, 8,
           rule="invert_clip", state_encoding="pos_quat"),
     _flat("austin_sirius_dataset_converted_externally_to_rlds",
           _cams(_img("observation/image", 84, 84), _img("observation/wrist_image", 84, 84)), 7, 8,
           rule="invert_clip", state_encoding="pos_quat"),
+    # its rotation slots hold yaw/pitch/roll (scipy "zxy"), which OpenVLA passes on unchanged as well
     _flat("dlr_edan_shared_control_converted_externally_to_rlds", _cams(_img("observation/image", 360, 640)), 7, 7,
-          rule="invert", state_encoding="pos_euler"),
+          rule="invert", state_encoding="pos_euler", absolute_pose=True),
     _flat("iamlab_cmu_pickup_insert_converted_externally_to_rlds",
           _cams(_img("observation/image", 360, 640), _img("observation/wrist_image", 240, 320)), 8, 20,
-          rule="as_is", quaternion=True, grip=7, state_encoding="joint"),
+          rule="as_is", quaternion=True, grip=7, state_encoding="joint", absolute_pose=True),
     _flat("utaustin_mutex", _cams(_img("observation/image", 128, 128), _img("observation/wrist_image", 128, 128)),
           7, 24, rule="invert_clip", state_encoding="joint"),
-    # stores no gripper action: the gripper state (1 closed) inverted stands in, as OpenVLA does
+    # stores no gripper action: state[6] (TFDS: "gripper open status") inverted stands in, as OpenVLA does
     _flat("berkeley_fanuc_manipulation",
           _cams(_img("observation/image", 224, 224), _img("observation/wrist_image", 224, 224)), 6, 13,
           rule="invert", gripper_from_state=6, state_encoding="joint"),
     _flat("cmu_stretch", _cams(_img("observation/image", 128, 128)), 8, 4, rule="as_is", state_encoding="pos_euler"),
+    # oxe_magic_soup_plus: the first of the next 10 future steps; the rotation is an axis-angle delta, which OpenVLA
+    # passes on in the roll-pitch-yaw slots; target_close is absolute (1 closed) and inverted
+    DatasetSpec(
+        "bc_z", (_img("observation/image", 171, 213), _vec("action/future/xyz_residual", 30),
+                 _vec("action/future/axis_angle_residual", 30), Feature("action/future/target_close", "int64", (10,)),
+                 _NL, _vec("observation/present/xyz", 3), _vec("observation/present/axis_angle", 3),
+                 _vec("observation/present/sensed_close", 1)),
+        {"primary": "observation/image"}, Slice("action/future/xyz_residual", 0), _NL.key,
+        rot=Slice("action/future/axis_angle_residual", 0), gripper=Slice("action/future/target_close", 0, 1),
+        gripper_rule="invert", state_encoding="pos_euler"),
+    # TFDS names it fmb; OpenVLA's mixtures call the folder fmb_dataset. Its 7-D action is taken as stored.
+    DatasetSpec(
+        "fmb_dataset", (_img("observation/image_side_1", 256, 256), _img("observation/image_side_2", 256, 256),
+                        _img("observation/image_wrist_1", 256, 256), _vec("action", 7), _vec("observation/eef_pose", 7),
+                        _vec("observation/state_gripper_pose"), _LI),
+        {"primary": "observation/image_side_1", "wrist": "observation/image_wrist_1"}, Slice("action", 0), _LI.key,
+        rot=Slice("action", 3), gripper=Slice("action", 6, 1), state_encoding="pos_euler", tfds_name="fmb"),
+    # a hand-held gripper camera is its only (and primary) view, as in OpenVLA
+    _flat("dobbe", _cams(_img("observation/wrist_image", 256, 256)), 7, 7, rule="as_is", state_encoding="pos_euler"),
 ]
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
 # the Bridge V2 release from the project site is also downloaded under its TFDS name
 SPECS["bridge_dataset"] = SPECS["bridge_orig"]
+SPECS["fmb"] = SPECS["fmb_dataset"]
 
 _MAGIC_SOUP = [
     ("fractal20220817_data", 0.54087122203), ("kuka", 0.8341046294), ("bridge_orig", 1.0), ("taco_play", 2.0),
@@ -237,6 +264,12 @@ MIXTURES: dict[str, list[tuple[str, float]]] = {
         ("berkeley_autolab_ur5", 1.0), ("toto", 1.0),
     ],
     "oxe_magic_soup": _MAGIC_SOUP,
+    # the magic soup plus bc_z, fmb and dobbe, without language_table, fractal at weight 1 (OpenVLA's; its
+    # oxe_magic_soup_plus adds DROID, which has no standardisation here)
+    "oxe_magic_soup_plus_minus": [
+        ("fractal20220817_data", 1.0), *(entry for entry in _MAGIC_SOUP[1:] if entry[0] != "language_table"),
+        ("bc_z", 0.2), ("fmb_dataset", 1.0), ("dobbe", 0.2),
+    ],
 }
 
 

@@ -19,8 +19,9 @@ class OXEFormatError(ValueError):
 
 @dataclass
 class Episode:
-    """One standardised episode: primary camera frames, 7-D actions (6 end-effector deltas + gripper, 1 open),
-    the instruction, where it came from, and the other requested camera roles."""
+    """One standardised episode: primary camera frames, 7-D actions (6 end-effector values, deltas unless the spec
+    is `absolute_pose`, + gripper, 1 open), the instruction, where it came from, and the other requested camera
+    roles."""
 
     images: np.ndarray  # (T, H, W, 3) uint8, the primary camera
     actions: np.ndarray  # (T, 7) float32
@@ -77,15 +78,24 @@ def apply_gripper_rule(values: np.ndarray, rule: str) -> np.ndarray:
 
 
 def quaternion_to_euler(quaternion: np.ndarray) -> np.ndarray:
-    """(..., 4) xyzw quaternions -> (..., 3) roll, pitch, yaw (extrinsic x-y-z), the convention of
-    tensorflow_graphics' euler.from_quaternion that OpenVLA uses."""
+    """(..., 4) xyzw quaternions -> (..., 3) roll, pitch, yaw (extrinsic x-y-z) as tensorflow_graphics'
+    euler.from_quaternion computes them for OpenVLA: the quaternion is not normalised (an all-zero one gives
+    zeros), the rotation-matrix entries are clipped to [-1, 1], and at gimbal lock (|pitch| = 90 degrees) yaw is
+    set to 0 and the remaining turn goes to roll."""
     q = np.asarray(quaternion, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    x, y, z, w = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
-    roll = np.arctan2(2 * (w * x + y * z), 1 - 2 * (x * x + y * y))
-    pitch = np.arcsin(np.clip(2 * (w * y - z * x), -1, 1))
-    yaw = np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
-    return np.stack([roll, pitch, yaw], axis=-1)
+    x, y, z = np.moveaxis(np.clip(q[..., :3], -1, 1), -1, 0)  # tfg shrinks 2x, 2y, 2z into [-2, 2]
+    w = q[..., 3]
+
+    def entry(value):
+        return np.clip(value, -1, 1)
+
+    r00, r10 = entry(1 - 2 * (y * y + z * z)), entry(2 * (x * y + w * z))
+    r21, r22 = entry(2 * (y * z + w * x)), entry(1 - 2 * (x * x + y * y))
+    r20, r01, r02 = entry(2 * (x * z - w * y)), entry(2 * (x * y - w * z)), entry(2 * (x * z + w * y))
+    general = np.stack([np.arctan2(r21, r22), -np.arcsin(r20), np.arctan2(r10, r00)], axis=-1)
+    sign = np.where(r20 < 0, -1.0, 1.0)
+    locked = np.stack([np.arctan2(-sign * r01, -sign * r02), -sign * np.pi / 2, np.zeros_like(r20)], axis=-1)
+    return np.where((np.abs(np.abs(r20) - 1) < 1e-6)[..., None], locked, general)
 
 
 def decode_codepoints(values: np.ndarray) -> str:
