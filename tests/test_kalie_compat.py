@@ -270,47 +270,120 @@ def test_corrected_sentinel_and_other_names():
 
 # ---------------------------------------------------------------------------------------------- affordvla-eval kalie
 
+# Entry points on the stored image's 0-1000 scale, as hdf5_to_json writes them, and KALIE's evaluation label of
+# the same entry on a 700x700 image, worked by hand: pixel = round(v * 700 / 1000), minus the crop offset 125,
+# then round(p * 1000 / 450), clamped to 0..999:
+#   Grasp (397, 93): x 277.9 -> 278 -> 153 -> 340.0 = 340; y 65.1 -> 65 -> -60 -> -133.3 -> "000"
+#   Function (500, 250): x 350 -> 225 -> 500.0; y 175 -> 50 -> 111.1 -> 111
+#   Target (640, 410): x 448 -> 323 -> 717.8 -> 718; y 287 -> 162 -> 360.0 -> 360
+#   Pre-contact (600, 400): x 420 -> 295 -> 655.6 -> 656; y 280 -> 155 -> 344.4 -> 344
+#   Post-contact (700, 420): x 490 -> 365 -> 811.1 -> 811; y 294 -> 169 -> 375.6 -> 376
+# Entry 1 moves Grasp to (100, 1000): x 70 -> -55 -> "000"; y 700 -> 575 -> 1277.8 -> "999".
+CROP_LABEL_0 = """{
+    "Grasp Point": [
+        "340",
+        "000"
+    ],
+    "Function Point": [
+        "500",
+        "111"
+    ],
+    "Target Point": [
+        "718",
+        "360"
+    ],
+    "Pre-contact Point": [
+        "656",
+        "344"
+    ],
+    "Post-contact Point": [
+        "811",
+        "376"
+    ]
+}"""
+CROP_LABEL_1 = CROP_LABEL_0.replace('"340",\n        "000"', '"000",\n        "999"')
 
-def _kalie_root(tmp_path):
+
+def crop_answer(**changes) -> str:
+    """CROP_LABEL_0 with some points replaced, written the way KALIE writes answers."""
+    points = json.loads(CROP_LABEL_0)
+    points.update({k.replace("_", " "): v for k, v in changes.items()})
+    return json.dumps(points, indent=4)
+
+
+def _kalie_root(tmp_path, size=(700, 700)):
     """A KALIE dataset root as hdf5_to_json writes it: data_jsonformat.json holds each entry's points as a JSON
-    string of json.dumps(..., indent=4) ints on the 0-1000 scale (images are not needed for scoring)."""
+    string of json.dumps(..., indent=4) ints on the 0-1000 scale; imgs/ holds the images (read for their size)."""
+    from PIL import Image
+
     points_0 = ('{\n    "Grasp Point": [\n        397,\n        93\n    ],\n    "Function Point": [\n        500,\n'
                 '        250\n    ],\n    "Target Point": [\n        640,\n        410\n    ],\n    "Pre-contact Point"'
                 ': [\n        600,\n        400\n    ],\n    "Post-contact Point": [\n        700,\n        420\n'
                 '    ]\n}')
     points_1 = points_0.replace("397", "100").replace("        93\n", "        1000\n")
     other = {"task": "Sweep the trash off the table with the brush.", "objects": ["brush", "trash"]}
-    data = {"entry_0": {"img": "data/imgs/entry_0.png", "points": points_0, "other": other},
-            "entry_1": {"img": "data/imgs/entry_1.png", "points": points_1, "other": other},
-            "entry_2": {"img": "data/imgs/entry_2.png", "points": points_0, "other": other}}
+    data = {f"entry_{i}": {"img": f"data/imgs/entry_{i}.png", "points": p, "other": other}
+            for i, p in enumerate((points_0, points_1, points_0, points_0))}
     root = tmp_path / "kalie"
-    root.mkdir()
+    (root / "imgs").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", size).save(root / "imgs" / f"entry_{i}.png")
     (root / "data_jsonformat.json").write_text(json.dumps(data, indent=4))
     return root
+
+
+def test_crop_label_points_by_hand():
+    from affordvla.evaluation.kalie_compat import crop_label_points
+
+    # 700x700 (crop box 125..575): see the comment above CROP_LABEL_0; 5 -> 3.5 rounds half to even -> 4 -> -121
+    # -> "000"; 1000 -> 700 -> 575 -> 1277.8 -> 999
+    assert crop_label_points({"Grasp Point": (397, 93), "Function Point": (5, 1000)}, 700, 700) == {
+        "Grasp Point": (340, 0), "Function Point": (0, 999)}
+    # 500 is the centre of any image: 350 - 125 = 225 -> 500; on 1400x1400 the crop is 900 wide from 250:
+    # 700 - 250 = 450 -> 500; 250 -> 350 - 250 = 100 -> 111.1 -> 111
+    assert crop_label_points({"Grasp Point": (500, 500)}, 700, 700) == {"Grasp Point": (500, 500)}
+    assert crop_label_points({"Grasp Point": (500, 250)}, 1400, 1400) == {"Grasp Point": (500, 111)}
+
+
+def test_root_labels_are_kalies_crop_scale_texts(tmp_path):
+    from affordvla.evaluation.kalie_compat import read_labels
+
+    root = _kalie_root(tmp_path)
+    labels = read_labels(root)
+    assert labels["entry_0"] == CROP_LABEL_0 and labels["entry_1"] == CROP_LABEL_1
+    assert read_labels(root, "str")["entry_0"] == (
+        "Grasp Point: (340, 000), Function Point: (500, 111), Target Point: (718, 360), "
+        "Pre-contact Point: (656, 344), Post-contact Point: (811, 376)")
+    assert read_labels(root, "array")["entry_1"] == [0, 999, 500, 111, 718, 360, 656, 344, 811, 376]
+    (root / "imgs" / "entry_3.png").unlink()
+    with pytest.raises(ValueError, match="entry_3.*image file not found"):
+        read_labels(root)
 
 
 def test_eval_kalie_side_by_side(tmp_path, capsys):
     root = _kalie_root(tmp_path)
     predictions = tmp_path / "preds.jsonl"
-    rows = [{"id": "entry_0", "answer": "Sure! " + LABEL},  # compat: prose -> sentinel; corrected: exact
-            # grasp (103, 999) vs the label's (100, 1000): compat (3^2 + 1^2) / 2 = 5, average 5 / 5 = 1.0;
-            # corrected puts the label on the 0-999 grid first (1000 -> 999): 3^2 / 2 = 4.5, average 0.9
-            {"id": "entry_1", "answer": answer(Grasp_Point=["103", "999"])},
-            {"id": "entry_2", "answer": '{"Grasp Point": ["397", "093"], "Handle Point": ["1", "2"]}'}]  # KeyError
+    rows = [{"id": "entry_0", "answer": "Sure! " + CROP_LABEL_0},  # compat: prose -> sentinel; corrected: exact
+            # grasp ("003", "996") vs the crop label's ("000", "999"): (3^2 + 3^2) / 2 = 9, average 9 / 5 = 1.8
+            {"id": "entry_1", "answer": crop_answer(Grasp_Point=["003", "996"])},
+            {"id": "entry_2", "answer": '{"Grasp Point": ["340", "000"], "Handle Point": ["1", "2"]}'},  # KeyError
+            {"id": "entry_3", "answer": CROP_LABEL_0}]  # KALIE's own label text: 0, and an exact match
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "report.json"
     assert main(["--out", str(out), "kalie", "--predictions", str(predictions), "--labels", str(root)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())
-    assert report["answers"] == 3 and report["labels_unanswered"] == 0
-    assert report["kalie_compat/scored"] == 2 and report["kalie_compat/scoring_failures_KeyError"] == 1
+    assert report["answers"] == 4 and report["labels_unanswered"] == 0
+    assert report["kalie_compat/scored"] == 3 and report["kalie_compat/scoring_failures_KeyError"] == 1
     assert report["kalie_compat/failed"] == [{"id": "entry_2", "kind": "KeyError"}]
-    assert report["kalie_compat/avg_mse"] == pytest.approx((1_000_000 + 1.0) / 2)
-    assert report["kalie_compat/grasp_mse"] == pytest.approx((1_000_000 + 5.0) / 2)
-    # corrected: entry_0 exact, entry_1 0.9, entry_2 lacks four points -> the sentinel
-    assert report["kalie_corrected/avg_mse"] == pytest.approx((0 + 0.9 + 1_000_000) / 3)
+    assert report["kalie_compat/avg_mse"] == pytest.approx((1_000_000 + 1.8 + 0) / 3)
+    assert report["kalie_compat/grasp_mse"] == pytest.approx((1_000_000 + 9 + 0) / 3)
+    assert report["kalie_compat/acc"] == pytest.approx(1 / 4)
+    # corrected: entry_0 exact, entry_1 1.8, entry_2 lacks four points -> the sentinel, entry_3 exact
+    assert report["kalie_corrected/avg_mse"] == pytest.approx((0 + 1.8 + 1_000_000 + 0) / 4)
     assert report["kalie_corrected/parse_failures"] == 1
-    assert report["kalie_corrected/exact_match"] == pytest.approx(1 / 3)
+    assert report["kalie_corrected/exact_match"] == pytest.approx(2 / 4)
+    assert report["kalie_corrected/unreadable_labels"] == 0
 
 
 def test_eval_kalie_labels_file_and_styles(tmp_path, capsys):
@@ -335,6 +408,28 @@ def test_eval_kalie_labels_file_and_styles(tmp_path, capsys):
     assert report["kalie_compat/avg_mse"] == report["kalie_corrected/avg_mse"] == pytest.approx(2.5)  # 12.5 / 5
 
 
+
+
+def test_eval_kalie_unreadable_labels_are_counted(tmp_path):
+    from affordvla.evaluate import evaluate_kalie_predictions
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"a": '{"Grasp Point": [1, 2]}', "b": LABEL, "c": "not json"}))
+    predictions = tmp_path / "preds.jsonl"
+    predictions.write_text(json.dumps({"id": "a", "answer": '{"Grasp Point": ["4", "6"]}'}) + "\n"
+                           + json.dumps({"id": "b", "answer": LABEL}) + "\n"
+                           + json.dumps({"id": "c", "answer": LABEL}) + "\n")
+    report = evaluate_kalie_predictions(predictions, labels)
+    # compat as KALIE: a scores its one key, (3^2 + 4^2) / 2 = 12.5; b exact, 0; c's label loads as no points, so
+    # the answer's first key is missing from it: KeyError
+    assert report["kalie_compat/scored"] == 2 and report["kalie_compat/avg_mse"] == pytest.approx((12.5 + 0) / 2)
+    assert report["kalie_compat/failed"] == [{"id": "c", "kind": "KeyError"}]
+    # corrected: a and c lack five readable points: counted and listed, left out of the means (b alone: 0)
+    assert report["kalie_corrected/unreadable_labels"] == 2
+    assert report["kalie_corrected/unreadable_label_ids"] == ["a", "c"]
+    assert report["kalie_corrected/avg_mse"] == 0.0 and report["kalie_corrected/exact_match"] == 1.0
+
+
 def test_eval_kalie_input_errors_name_the_file(tmp_path):
     root = _kalie_root(tmp_path)
     predictions = tmp_path / "preds.jsonl"
@@ -343,13 +438,9 @@ def test_eval_kalie_input_errors_name_the_file(tmp_path):
 
     with pytest.raises(ValueError, match="prediction 'entry_9' has no label in"):
         evaluate_kalie_predictions(predictions, root)
-    with pytest.raises(FileNotFoundError, match="data_strformat.json: not found"):
+    (root / "data_jsonformat.json").unlink()
+    with pytest.raises(ValueError, match="data_jsonformat.json: file not found"):
         evaluate_kalie_predictions(predictions, root, "str")
     predictions.write_text('{"answer": "x"}\n')
     with pytest.raises(ValueError, match=r'preds.jsonl, record 1: expected an object with "id" and "answer"'):
         evaluate_kalie_predictions(predictions, root)
-    labels = tmp_path / "bad_labels.json"
-    labels.write_text(json.dumps({"a": '{"Grasp Point": [1, 2]}'}))
-    predictions.write_text(json.dumps({"id": "a", "answer": LABEL}) + "\n")
-    with pytest.raises(ValueError, match="bad_labels.json, 'a': label .* has no two numbers for 'Function Point'"):
-        evaluate_kalie_predictions(predictions, labels)

@@ -98,10 +98,9 @@ ANSWERS = (
     '"model_id": "robopoint-v1-vicuna-v1.5-13b", "category": "seen"}\n'
     '{"question_id": 2, "prompt": "Point to a free spot near the plate.", "text": null, '
     '"answer_id": "Qm7vB2xK9pLr4TzW8nYc3d", "model_id": "robopoint-v1-vicuna-v1.5-13b", "metadata": {}}\n'
-    '\n'
     '{"question_id": 3, "prompt": "Point to a free spot on the shelf.", "text": "(224, 144)", '
     '"answer_id": "Zr5cN1wQ8yHb3Lk7Vt2mXp", "model_id": "robopoint-v1-vicuna-v1.5-13b", "category": "unseen"}\n'
-)  # no line for question 4; the blank line is not an answer
+)  # no line for question 4
 
 
 def _answers_root(tmp_path):
@@ -133,7 +132,7 @@ def test_compat_skips_missing_answers_and_texts(tmp_path):
     assert compat.skipped == [1, 2, 4]
     assert compat.scored == 2
     # question 0 on mask 00.jpg (by line index, not its image 05.jpg): (249, 148) inside, (0, 0) outside -> 0.5;
-    # the answer on line 3 is question 3's: (224, 144) inside -> 1.0; mean (0.5 + 1.0) / 2
+    # line 3's answer, (224, 144) inside -> 1.0; mean (0.5 + 1.0) / 2; per_question keyed by 0-based number
     assert compat.per_question == pytest.approx({0: 0.5, 3: 1.0}, abs=0.01)
     assert compat.score == pytest.approx(0.75, abs=0.01)
     assert compat.by_category == pytest.approx({"seen": 0.5, "unseen": 1.0}, abs=0.01)
@@ -161,3 +160,53 @@ def test_eval_where2place_reports_skipped_questions(tmp_path, capsys):
     (root / "masks" / "03.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="03.jpg: Where2Place mask not found"):
         score_where2place(root, [{"text": "(1, 1)"}] * 4, mode="compat")
+
+
+def test_compat_counts_questions_sharing_an_id(tmp_path):
+    """The original iterates lines and never reads question_id: three questions with one id are three scores."""
+    root, _ = _answers_root(tmp_path)
+    (root / "point_questions.jsonl").write_text(
+        '{"question_id": 7, "image": "00.jpg", "text": "Point to a free spot.", "category": "seen"}\n' * 3)
+    answers = [{"question_id": 7, "text": "(224, 144)"},  # inside the free region -> 1.0
+               {"question_id": 7, "text": "(10, 10)"},  # outside -> 0.0
+               {"question_id": 7, "text": "no point"}]  # no tuple -> 0.0
+    compat = score_where2place(root, answers, mode="compat")
+    assert compat.scored == 3 and compat.skipped == []
+    assert compat.score == pytest.approx((1.0 + 0.0 + 0.0) / 3, abs=0.01)
+    assert compat.per_question == pytest.approx({0: 1.0, 1: 0.0, 2: 0.0}, abs=0.01)
+    with pytest.raises(ValueError, match="question 1: question_id 7 is not a string or int, or repeats"):
+        score_where2place(root, answers, mode="corrected")  # matching by id would be ambiguous
+
+
+def test_unhashable_ids(tmp_path):
+    root, _ = _answers_root(tmp_path)
+    (root / "point_questions.jsonl").write_text(
+        '{"question_id": [0], "image": "00.jpg", "text": "Point to a free spot.", "category": "seen"}\n')
+    answers = [{"question_id": [0], "text": "(224, 144)"}]
+    compat = score_where2place(root, answers, mode="compat")  # ids are not read: inside -> 1.0
+    assert compat.scored == 1 and compat.score == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(ValueError, match=r"question 0: question_id \[0\] is not a string or int"):
+        score_where2place(root, answers, mode="corrected")
+
+
+def test_corrected_refuses_two_answers_to_one_question(tmp_path):
+    root, _ = _answers_root(tmp_path)
+    answers = [{"question_id": 3, "text": "(224, 144)"}, {"question_id": 3, "text": "(1, 1)"}]
+    with pytest.raises(ValueError, match="answer 1: a second answer to question_id 3"):
+        score_where2place(root, answers, mode="corrected")
+    # an answer whose id is no question's (or unhashable) matches nothing: every question scores 0
+    corrected = score_where2place(root, [{"question_id": {"a": 1}, "text": "(224, 144)"}], mode="corrected")
+    assert corrected.scored == 5 and corrected.score == 0.0
+
+
+def test_a_blank_answer_line_is_an_error(tmp_path):
+    from affordvla.evaluate import read_answer_lines
+
+    _, answers_file = _answers_root(tmp_path)
+    lines = ANSWERS.splitlines(keepends=True)
+    answers_file.write_text("".join(lines[:2]) + "\n" + "".join(lines[2:]))
+    with pytest.raises(ValueError, match=r"answers.jsonl, line 3: a blank line, not a JSON record"):
+        read_answer_lines(answers_file)
+    answers_file.write_text(ANSWERS + "\n")  # a trailing blank line too: RoboPoint's scorer loads it and fails
+    with pytest.raises(ValueError, match=r"answers.jsonl, line 5: a blank line"):
+        read_answer_lines(answers_file)

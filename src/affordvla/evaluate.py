@@ -126,17 +126,18 @@ def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None 
 
 
 def read_answer_lines(path: str | Path) -> list:
-    """An answers file as RoboPoint's `model_vqa` writes it: one JSON record per line, blank lines ignored."""
+    """An answers file as RoboPoint's `model_vqa` writes it: one JSON record per line. A blank line is an error
+    naming it: RoboPoint's scorer json-loads every line, so it cannot score such a file either."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: answers file not found")
     answers = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                answers.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {number}: not a JSON record ({exc.msg})") from None
+        try:
+            answers.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            what = "a blank line, not" if not line.strip() else "not"
+            raise ValueError(f"{path}, line {number}: {what} a JSON record ({exc.msg})") from None
     return answers
 
 

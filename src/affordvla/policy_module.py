@@ -1,4 +1,4 @@
-"""The VLA formulation of RoboVLMs (robovlms-calvin-oxe.md section 1) as one LightningModule over episode
+"""The VLA formulation of RoboVLMs as one LightningModule over episode
 windows (`ActionWindowSample` batches from `ActionWindowDataModule`).
 
 Continuous heads (MLP / LSTM / GPT, heads/policy_heads.py) read learnable action token(s) appended after each

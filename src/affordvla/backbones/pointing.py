@@ -1,7 +1,7 @@
 """Dense pointing pre-training that turns a freshly initialised tiny VLM (any family) into a 'pretrained' one.
 
 A tiny transformer trained from scratch does not discover, through attention pooling, which few patches of an
-image hold the answer (shared/notes/tiny-vlm-localization.md). A dense per-patch objective teaches the vision
+image hold the answer. A dense per-patch objective teaches the vision
 tower where things are within a minute. This stage trains the vision tower of a tiny PaliGemma, LLaVA or CogVLM
 on procedural tabletop scenes (a seed stream disjoint from every dataset split) to predict, for every patch of the
 features its projector reads (`VLMBackbone.vision_patch_features`): which object it shows (segmentation), which

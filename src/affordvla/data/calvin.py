@@ -1,4 +1,4 @@
-"""CALVIN (robovlms-calvin-oxe.md section 3): per-frame `episode_XXXXXXX.npz` files, read without the CALVIN env.
+"""CALVIN: per-frame `episode_XXXXXXX.npz` files, read without the CALVIN env.
 
 A split folder (`task_ABC_D/training`) holds one npz per frame, `ep_start_end_ids.npy` with the play episodes'
 (start, end) frame ranges (inclusive), and `lang_annotations/auto_lang_ann.npy`, a pickled dict whose

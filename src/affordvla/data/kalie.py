@@ -1,4 +1,4 @@
-"""KALIE's JSON dataset format (kalie.md 1.2), read and written as its `hdf5_to_json` writes it.
+"""KALIE's JSON dataset format, read and written as its `hdf5_to_json` writes it.
 
 Layout::
 

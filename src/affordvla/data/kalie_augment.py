@@ -1,4 +1,4 @@
-"""KALIE's fine-tuning image pipeline with the keypoints carried through every transform (kalie.md 1.3).
+"""KALIE's fine-tuning image pipeline with the keypoints carried through every transform.
 
 Training: random rotation (15 deg), random resized crop (area 0.9-1, aspect 0.95-1), horizontal and vertical
 flips (p = 0.5 each), colour jitter (brightness .1, contrast .1, saturation .2, hue .2), then a centre crop of

@@ -1,4 +1,4 @@
-"""KALIE's collection HDF5 files (kalie.md 1.1) and their conversion to the JSON layout (kalie.md 1.2).
+"""KALIE's collection HDF5 files and their conversion to the JSON layout.
 
 A collection file is `{data_dir}/{task}/{filename}_{num_trials}.hdf5` with one group per sample, `entry_{i}`,
 holding `init_image` (uint8 HxWx3, the camera frame cropped to rows 0-700 and columns 250-950, then turned 180

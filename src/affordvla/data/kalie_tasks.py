@@ -1,4 +1,4 @@
-"""KALIE's five tasks: instructions, object prompts and the fine-tuning prompt text (kalie.md 1.1, 1.3)."""
+"""KALIE's five tasks: instructions, object prompts and the fine-tuning prompt text."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ KALIE_PROMPT_HEAD = (
 
 
 def kalie_prompt(task: KalieTask) -> str:
-    """The long KALIE fine-tuning prompt for one task (structure of kalie.md 1.3, our own wording of bullets)."""
+    """The long KALIE fine-tuning prompt for one task (KALIE's structure, our own wording of the bullets)."""
     instruction = task.instruction.rstrip(".")
     example = "{\n" + ",\n".join(f'    "{name}": [x, y]' for name in KALIE_POINT_NAMES) + "\n}"
     return (

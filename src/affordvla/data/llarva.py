@@ -1,4 +1,4 @@
-"""LLARVA's vision-action instruction data from RLBench episodes (llarva-rlbench-robopoint.md section 1).
+"""LLARVA's vision-action instruction data from RLBench episodes.
 
 Every frame t but the last becomes one LLaVA conversation record: the front camera image, the task description,
 the five most recent joint positions (with N(0, 0.01) noise, rounded to 4 decimals) and, as the answer, the

@@ -1,4 +1,4 @@
-"""RLBench demonstrations (llarva-rlbench-robopoint.md section 2), read without rlbench, PyRep or CoppeliaSim.
+"""RLBench demonstrations, read without rlbench, PyRep or CoppeliaSim.
 
 Both layouts are understood:
 

@@ -1,4 +1,4 @@
-"""RoboPoint's data (llarva-rlbench-robopoint.md section 3): LLaVA conversation JSON and the Where2Place layout.
+"""RoboPoint's data: LLaVA conversation JSON and the Where2Place layout.
 
 Training data is a JSON list of `{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
 {"from": "gpt", "value": "[(0.461, 0.527), ...]"}, ...]}` with image paths relative to an image folder. Each

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-# KALIE's five keypoints, in the order its loaders read them (kalie.md 1.2).
+# KALIE's five keypoints, in the order its loaders read them.
 KALIE_POINT_NAMES: tuple[str, ...] = (
     "Grasp Point",
     "Function Point",

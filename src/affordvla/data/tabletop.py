@@ -2,8 +2,8 @@
 
 Every scene draws the task's objects at a random pose (anywhere on the table, any rotation, varied size, shape
 proportions and colours) plus distractor shapes on a textured table, and places the five keypoints by the task
-definitions of kalie.md 1.3. Objects are drawn as polygons in a 2x supersampled canvas and downsampled, so edges
-are anti-aliased like a photograph; each object's binary mask is returned for the synthesis stage.
+definitions of KALIE's fine-tuning prompts. Objects are drawn as polygons in a 2x supersampled canvas and
+downsampled, so edges are anti-aliased like a photograph; each object's binary mask is returned for the synthesis stage.
 """
 
 from __future__ import annotations

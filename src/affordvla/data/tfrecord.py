@@ -1,6 +1,6 @@
 """TFRecord files and `tf.train.Example` messages, read and written without TensorFlow.
 
-Framing of every record (robovlms-calvin-oxe.md section 4)::
+Framing of every record, as TensorFlow writes it::
 
     uint64 length (little endian) | uint32 masked_crc32c(length bytes) | data | uint32 masked_crc32c(data)
 

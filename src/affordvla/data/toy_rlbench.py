@@ -1,4 +1,4 @@
-"""Generated fixture episodes in RLBench's on-disk format (llarva-rlbench-robopoint.md section 2), so LLARVA's
+"""Generated fixture episodes in RLBench's on-disk format, so LLARVA's
 pipeline (reader, HDF5 episode cache, text-action head) runs end to end without CoppeliaSim or a download.
 
 Per task, a 7-joint arm moves from a random start configuration towards the task's goal configuration under a

@@ -1,4 +1,4 @@
-"""Generated fixtures in RoboPoint's on-disk formats (llarva-rlbench-robopoint.md section 3), from the project's
+"""Generated fixtures in RoboPoint's on-disk formats, from the project's
 procedural tabletop scenes (data/tabletop.py): a LLaVA conversation file of pointing questions and a Where2Place
 benchmark folder, so the RoboPoint table runs end to end without the real downloads.
 

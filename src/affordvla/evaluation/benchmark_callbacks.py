@@ -1,7 +1,7 @@
 """Benchmarks scored at the end of a training run's test stage, as Lightning callbacks named in a config's
 `callbacks` group, so a paper-table cell is one `affordvla-train` run that ends with the paper's figures.
 
-`Where2PlaceCallback` answers every question of a Where2Place folder (llarva-rlbench-robopoint.md section 3) with
+`Where2PlaceCallback` answers every question of a Where2Place folder with
 the trained backbone and keypoint-text head and scores the answers with evaluation/where2place.py:
 `test/where2place` over all questions, `test/where2place_h` over the "unseen" category (Where2Place (h)), both
 x100 like the paper, plus `test/where2place_parse_failure_rate` (answers the head's codec cannot read). The

@@ -1,4 +1,4 @@
-"""CALVIN long-horizon evaluation (robovlms-calvin-oxe.md section 3).
+"""CALVIN long-horizon evaluation.
 
 Each evaluated sequence chains 5 subtasks and stops at the first failure, so its result is the number of
 subtasks completed in a row (0..5). "i in a row" is the fraction of sequences with result >= i, and Avg. Len. is

@@ -19,15 +19,21 @@ the mean over the answers that scored that point, `acc` the exact string match o
 
 `corrected` (this project's own figure): the answer read by the tolerant `KalieJsonCodec` (prose, code fences,
 case, both text formats), all five points required, an unreadable answer scored as KALIE's sentinel, and
-normalised coordinates put on the 0-999 grid by rounding to nearest.
+normalised coordinates put on the 0-999 grid by rounding to nearest. A label it cannot read (not five named
+pairs of numbers) is counted in `kalie_corrected/unreadable_labels`, its id listed, and left out of its means;
+the compat side scores that answer as KALIE does.
 
 `affordvla-eval kalie` scores a predictions file with both. Its inputs:
 - predictions: a JSON list, or JSON lines, of `{"id": <entry key>, "answer": <the model's answer>}`; the answer is
   the text as generated (for `--formatstyle array`, a list of ten numbers);
-- labels: a KALIE dataset root (the `points` strings of `data_jsonformat.json`, of `data_strformat.json` for
-  "str", the flattened points for "array"), or a file: a JSON object `{id: label}` or a JSON list / JSON lines of
-  `{"id", "label"}`. A dataset root's labels are on the stored image's 0-1000 scale, while KALIE's evaluation
-  compares on its 450x450 centre crop: to score crop-scale answers, give the crop-scale label texts as a file.
+- labels: a file (a JSON object `{id: label}` or a JSON list / JSON lines of `{"id", "label"}`, compared as they
+  are), or a KALIE dataset root, whose labels are built the way KALIE's evaluation builds them: each entry's
+  0-1000 points of `data_jsonformat.json` de-scaled to pixels of its image (`round(v * W / 1000)`), moved into
+  the 450x450 centre crop (box [125, 125, 575, 575] of KALIE's 700x700 images; other sizes get the same
+  450/700 fraction, as the project's `--centre-crop` view), re-scaled with `round(p * 1000 / 450)` and clamped
+  to 0-999. "json" labels are then KALIE's target text (`json.dumps` with indent 4 of zero-padded 3-digit
+  strings), "str" labels `Grasp Point: (397, 093), ...` with the same strings, "array" labels the ten ints.
+  The images are read for their size only.
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from affordvla.data.kalie import JSON_NAME, STR_NAME
+from affordvla.data.kalie import read_kalie_index
+from affordvla.data.kalie_augment import KALIE_CROP_FRACTION, centre_crop_box
 from affordvla.data.sample import KALIE_POINT_NAMES
 from affordvla.heads.codecs import KalieJsonCodec
 
@@ -271,28 +279,41 @@ def read_predictions(path: str | Path) -> list[tuple[Any, Any]]:
     return rows
 
 
+def crop_label_points(points: dict[str, Sequence[int]], width: int, height: int) -> dict[str, tuple[int, int]]:
+    """KALIE's evaluation label of one entry: its 0-1000 image-scale points in 0-999 units of the centre crop."""
+    left, top, right, bottom = centre_crop_box(width, height, KALIE_CROP_FRACTION)
+
+    def to_crop(v: int, size: int, offset: int, crop: int) -> int:
+        return min(max(round((round(v * size / 1000) - offset) * 1000 / crop), 0), 999)
+
+    return {n: (to_crop(x, width, left, right - left), to_crop(y, height, top, bottom - top))
+            for n, (x, y) in points.items()}
+
+
+def crop_label_text(points: dict[str, tuple[int, int]], formatstyle: str = "json") -> Any:
+    """A crop-scale label as KALIE's evaluation compares it, in the given `formatstyle`."""
+    if formatstyle == "array":
+        return [c for n in KALIE_POINT_NAMES for c in points[n]]
+    if formatstyle == "str":
+        return ", ".join(f"{n}: ({points[n][0]:03d}, {points[n][1]:03d})" for n in KALIE_POINT_NAMES)
+    return json.dumps({n: [f"{points[n][0]:03d}", f"{points[n][1]:03d}"] for n in KALIE_POINT_NAMES}, indent=4)
+
+
 def read_labels(source: str | Path, formatstyle: str = "json") -> dict[str, Any]:
-    """{id: label as KALIE's evaluation compares it}: from a KALIE dataset root or a labels file."""
+    """{id: label as KALIE's evaluation compares it}: from a KALIE dataset root (converted to the centre crop, see
+    the module docstring) or a labels file (as it is)."""
     source = Path(source)
     if source.is_dir():
-        name = STR_NAME if formatstyle == "str" else JSON_NAME
-        index = source / name
-        if not index.is_file():
-            raise FileNotFoundError(f"{index}: not found (labels come from a KALIE dataset root's {name})")
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{index}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{index}: expected an object of entries, got {type(data).__name__}")
+        entries, _ = read_kalie_index(source)
         labels = {}
-        for key, entry in data.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("points"), str):
-                raise ValueError(f"{index}, entry {key!r}: no \"points\" string")
-            labels[key] = entry["points"]
-        if formatstyle == "array":
-            labels = {k: [c for n in KALIE_POINT_NAMES for c in label_points(v, "json", f"{index}, entry {k!r}")[n]]
-                      for k, v in labels.items()}
+        for entry in entries:
+            try:
+                with Image.open(entry.image_path) as im:
+                    width, height = im.size
+            except (OSError, Image.DecompressionBombError) as exc:
+                raise ValueError(f"{entry.source}, entry {entry.key!r}: cannot read the size of image "
+                                 f"{entry.image_path}: {exc}") from None
+            labels[entry.key] = crop_label_text(crop_label_points(entry.points, width, height), formatstyle)
         return labels
     if not source.is_file():
         raise FileNotFoundError(f"{source}: labels must be a KALIE dataset root or a labels file")
@@ -300,8 +321,8 @@ def read_labels(source: str | Path, formatstyle: str = "json") -> dict[str, Any]
 
 
 def label_points(label: Any, formatstyle: str, where: str) -> dict[str, tuple[float, float]]:
-    """The five named points of a label, strictly: a label the corrected scorer cannot read is a labels-file
-    error, not a model failure."""
+    """The five named points of a label, strictly; ValueError naming `where` otherwise (the corrected figure then
+    counts the label as unreadable, apart from the model's failures)."""
     if formatstyle == "str":
         found = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in _STR_POINT.finditer(str(label))}
     elif formatstyle == "array":
@@ -343,14 +364,18 @@ def score_predictions(predictions: list[tuple[Any, Any]], labels: dict[Any, Any]
     """Compat and corrected figures of (id, answer) pairs against `labels`, as one report."""
     compat = KalieCompatScorer(formatstyle)
     codec = KalieJsonCodec()
-    corrected, unreadable = [], 0
+    corrected, unreadable, bad_labels = [], 0, []
     for answer_id, answer in predictions:
         key = str(answer_id) if isinstance(answer_id, int) else answer_id
         if key not in labels:
             raise ValueError(f"prediction {answer_id!r} has no label in {source}")
         label = labels[key]
-        target = label_points(label, formatstyle, f"{source}, {answer_id!r}")
-        compat.add(answer, label, answer_id)
+        compat.add(answer, label, answer_id)  # first: KALIE counts (or fails on) every answer, whatever its label
+        try:
+            target = label_points(label, formatstyle, f"{source}, {answer_id!r}")
+        except ValueError:
+            bad_labels.append(answer_id)  # the corrected figure cannot score it; counted and listed, not averaged
+            continue
         pred = _corrected_prediction(answer, codec, formatstyle)
         unreadable += pred is None
         corrected.append(kalie_corrected_scores(pred, np.array([target[n] for n in KALIE_POINT_NAMES]) / 1000))
@@ -360,4 +385,6 @@ def score_predictions(predictions: list[tuple[Any, Any]], labels: dict[Any, Any]
     report["kalie_compat/failed"] = [{"id": i, "kind": k} for i, k in compat.failed]
     report.update(corrected_metrics(corrected, "kalie_corrected/"))
     report["kalie_corrected/parse_failures"] = float(unreadable)
+    report["kalie_corrected/unreadable_labels"] = float(len(bad_labels))
+    report["kalie_corrected/unreadable_label_ids"] = bad_labels
     return report

@@ -7,7 +7,7 @@ subtask's observation after a success, None after the last). Observations are
 `{"images": {camera: HxWx3 uint8}, "instruction": str, "state": optional}`, what `PolicyRunner.act` takes. The
 toy simulator (toy_env.py) and the simulator adapters (simulators.py) follow it.
 
-Episodes give a success rate; chains follow CALVIN's protocol (robovlms-calvin-oxe.md section 3): the scene is
+Episodes give a success rate; chains follow CALVIN's protocol: the scene is
 reset once per chain, the agent before every subtask, each subtask has `max_steps`, and the chain stops at the
 first failure, so its result is the number of subtasks completed in a row (`long_horizon_metrics`).
 """

@@ -21,7 +21,7 @@ from affordvla.evaluation.calvin import require_simulator
 
 log = logging.getLogger(__name__)
 ENVIRONMENTS = ("toy", "calvin", "rlbench", "simpler")
-# per-subtask / per-episode step limits: CALVIN's 360 (robovlms-calvin-oxe.md section 3), LLARVA's RLBench
+# per-subtask / per-episode step limits: CALVIN's 360, LLARVA's RLBench
 # evaluation episode_length=120 (its README); the toy expert needs at most ~24 steps
 DEFAULT_MAX_STEPS = {"toy": 40, "calvin": 360, "rlbench": 120, "simpler": 120}
 

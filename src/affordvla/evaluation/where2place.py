@@ -1,4 +1,4 @@
-"""Where2Place scoring (llarva-rlbench-robopoint.md section 3), in two modes.
+"""Where2Place scoring (RoboPoint's spatial-affordance benchmark), in two modes.
 
 `compat` reproduces RoboPoint's `summarize_vqa.py` number for number, quirks included:
 - tuples are found by the regex below; a number containing '.' is a float, otherwise an int;
@@ -7,6 +7,7 @@
   point; tuples of other lengths are ignored;
 - the mask is the grayscale JPEG divided by 255 (soft values at its edges);
 - a question scores the mean mask value at its points (a point outside the image scores 0, no points score 0);
+  the score is the mean over the questions scored, each counted once whatever its question_id (ids may repeat);
 - answers are matched to questions by line position, and a question whose scoring raises is left out of the mean:
   that includes a missing answer line, an answer without `text` and a null `text`;
 - the mask is `masks/{i:02d}.jpg` for the question on line i (0-based), whatever its `image` names; the images
@@ -14,7 +15,8 @@
 
 `corrected` fixes what the compat mode keeps: the image's own size, a thresholded mask (>= 0.5), answers matched
 by question_id, the mask named after the question's image, and every failure (a missing answer included) scored 0
-instead of dropped.
+instead of dropped. Matching by id needs each question_id once, a string or an int, and one answer per question:
+anything else is an error.
 
 Answers are JSON lines as RoboPoint's `model_vqa` writes them (`question_id`, `prompt`, `text`, `answer_id`,
 `model_id`, then `category` or `metadata`); only `question_id` and `text` are read.
@@ -149,7 +151,7 @@ class Where2PlaceResult:
     score: float  # mean over scored questions, in [0, 1] (the paper reports x100)
     scored: int
     skipped: list[int] = field(default_factory=list)  # compat only: 0-based question numbers left out
-    per_question: dict = field(default_factory=dict)  # question_id -> score
+    per_question: dict = field(default_factory=dict)  # compat: 0-based question number -> score; corrected: id
     by_category: dict[str, float] = field(default_factory=dict)  # seen / unseen (= Where2Place (h))
 
 
@@ -159,6 +161,25 @@ def _mask(path: Path) -> np.ndarray:
     return load_mask(path)
 
 
+def _answers_by_id(root: Path, questions: list[ScoringQuestion], answers: list) -> dict:
+    """Corrected mode's match by question_id, refusing what would make it ambiguous."""
+    ids = set()
+    for question in questions:
+        if not isinstance(question.question_id, (str, int)) or question.question_id in ids:
+            raise ValueError(f"{root / 'point_questions.jsonl'}, question {question.index}: question_id "
+                             f"{question.question_id!r} is not a string or int, or repeats an earlier one "
+                             "(corrected mode matches answers by id; compat mode matches by line)")
+        ids.add(question.question_id)
+    by_id = {}
+    for number, answer in enumerate(answers):
+        answer_id = answer.get("question_id") if isinstance(answer, dict) else None
+        if isinstance(answer_id, (str, int)) and answer_id in ids:
+            if answer_id in by_id:
+                raise ValueError(f"answer {number}: a second answer to question_id {answer_id!r}")
+            by_id[answer_id] = answer
+    return by_id
+
+
 def score_where2place(root: str | Path, answers: list, mode: str = "compat",
                       num_questions: int | None = None) -> Where2PlaceResult:
     """Score answers (JSON-lines records in file order) against the Where2Place folder `root`; the first
@@ -166,22 +187,23 @@ def score_where2place(root: str | Path, answers: list, mode: str = "compat",
     if mode not in ("compat", "corrected"):
         raise ValueError(f"mode must be 'compat' or 'corrected', got {mode!r}")
     questions = read_scoring_questions(root)[:num_questions]
-    per_question, skipped, categories = {}, [], {}
-    by_id = {a.get("question_id"): a for a in answers if isinstance(a, dict)}
+    scores, per_question, skipped, categories = [], {}, [], {}
+    by_id = _answers_by_id(Path(root), questions, answers) if mode == "corrected" else {}
     for question in questions:
-        if mode == "compat":  # by line position; a missing line, `text` or a null `text` raises here
+        if mode == "compat":  # by line position, ids never read; a missing line, `text` or null `text` raises
             try:
                 points = compat_points(answers[question.index]["text"])
             except Exception:  # noqa: BLE001 - the original skips any question whose answer parsing raises
                 skipped.append(question.index)
                 continue
             value = score_points_compat(points, _mask(question.compat_mask))  # read after parsing, as there
+            per_question[question.index] = value
         else:
             text = by_id.get(question.question_id, {}).get("text")
             value = score_answer_corrected(text if isinstance(text, str) else "", _mask(question.mask))
-        per_question[question.question_id] = value
+            per_question[question.question_id] = value
+        scores.append(value)
         categories.setdefault(question.category, []).append(value)
-    scores = list(per_question.values())
     return Where2PlaceResult(score=float(np.mean(scores)) if scores else 0.0, scored=len(scores), skipped=skipped,
                              per_question=per_question,
                              by_category={c: float(np.mean(v)) for c, v in categories.items()})

@@ -1,4 +1,4 @@
-"""Action normalisation for policy heads (robovlms-calvin-oxe.md section 2), with the exact inverse.
+"""Action normalisation for policy heads, with the exact inverse.
 
 The arm dimensions are mapped into [-1, 1], where the heads' tanh outputs live:
 - `clip`: clip to [-bound, bound] and divide by bound (RoboVLMs' CALVIN configs, bound 0.65);

@@ -117,7 +117,7 @@ class PaliGemmaLocCodec(KeypointCodec):
 
 
 class KalieJsonCodec(KeypointCodec):
-    """KALIE's target text: indent-4 JSON of zero-padded 3-digit strings on a 0-999 scale (kalie.md 1.3).
+    """KALIE's target text: indent-4 JSON of zero-padded 3-digit strings on a 0-999 scale of its 450x450 crop.
 
     Reading is lenient about the wrapping (prose, code fences, single quotes, trailing commas, a missing closing
     brace, key case, KALIE's "Grasp Point: (x, y)" string format, a missing opening brace or comma) and strict

@@ -36,7 +36,7 @@ from affordvla.heads.codecs import (
 )
 
 DIGITS = "0123456789"
-ROBOPOINT_MAX_POINTS = 50  # RoboPoint answers carry 1 to 50 points (llarva-rlbench-robopoint.md 3)
+ROBOPOINT_MAX_POINTS = 50  # RoboPoint answers carry 1 to 50 points
 
 
 class CharAutomaton:

@@ -1,4 +1,4 @@
-"""Policy heads (robovlms-calvin-oxe.md section 2): features of the learnable action token(s) over a history
+"""Policy heads: features of the learnable action token(s) over a history
 window -> action chunks.
 
 Input `features` is (B, T, L, H): T frames of the window, L latent action tokens per frame. Output is the arm

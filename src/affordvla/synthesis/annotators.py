@@ -1,4 +1,4 @@
-"""Context-map annotators: the structure maps ControlNet is conditioned on (kalie.md 2.5).
+"""Context-map annotators: the structure maps ControlNet is conditioned on.
 
 KALIE's configs use sd-webui-controlnet preprocessors: softedge_pidinet (default), canny 165/215, depth (MiDaS),
 mlsd, scribble_pidinet, segmentation (UniFormer on ADE20K). Here:
@@ -293,7 +293,7 @@ ANNOTATORS = {
 ALIASES = {"segmentation": "seg", "soft_edge": "softedge", "softedge_pidinet": "softedge",
            "scribble_pidinet": "scribble"}
 
-# KALIE's ControlNet units (kalie.md 2.5): annotator -> (SD1.5 v1.1 ControlNet model, control mode).
+# KALIE's ControlNet units: annotator -> (SD1.5 v1.1 ControlNet model, control mode).
 KALIE_CONTROLNETS = {
     "softedge": ("control_v11p_sd15_softedge", "balanced"),
     "canny": ("control_v11p_sd15_canny", "balanced"),

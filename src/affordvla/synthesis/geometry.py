@@ -1,4 +1,4 @@
-"""The geometry of KALIE's synthesis (kalie.md 2.4a-c): one affine per object, applied in one frame to the context
+"""The geometry of KALIE's synthesis: one affine per object, applied in one frame to the context
 map, the mask and the keypoints.
 
 Coordinates are continuous pixel units, x = column, with pixel (row r, column c) covering [c, c + 1) x [r, r + 1)
@@ -51,7 +51,7 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AffineRanges:
-    """KALIE's random transform (kalie.md 2.4a): independent x/y scales, a rotation, a translation in 700-px
+    """KALIE's random transform: independent x/y scales, a rotation, a translation in 700-px
     units scaled to the image."""
 
     scale: tuple[float, float] = (0.8, 1.2)
@@ -133,7 +133,7 @@ def warp_alpha(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def compose_context(context: np.ndarray, moved_context: np.ndarray, mask: np.ndarray, moved_mask: np.ndarray,
                     erode_kernel: int = 5) -> np.ndarray:
-    """KALIE's hint: c' = (1 - erode(m)) * c + erode(h(m)) * h(c), clipped to uint8 (kalie.md 2.4c).
+    """KALIE's hint: c' = (1 - erode(m)) * c + erode(h(m)) * h(c), clipped to uint8.
 
     The object's own structure is erased from the map and its moved copy pasted in; where the moved copy lands
     on other structure the two add, as in the reference.
@@ -147,7 +147,7 @@ def compose_context(context: np.ndarray, moved_context: np.ndarray, mask: np.nda
 
 
 def inpaint_mask(mask: np.ndarray, moved_mask: np.ndarray, dilate_radius: int) -> np.ndarray:
-    """The pixels that may change: union of the old and new silhouettes, dilated (kalie.md 2.4c-d)."""
+    """The pixels that may change: union of the old and new silhouettes, dilated."""
     return dilate(np.asarray(mask, bool) | np.asarray(moved_mask, bool), dilate_radius)
 
 

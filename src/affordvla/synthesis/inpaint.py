@@ -1,4 +1,4 @@
-"""KALIE's diffusion inpainting: Stable Diffusion 1.5 + ControlNet, "only masked" (kalie.md 2.4d-e).
+"""KALIE's diffusion inpainting: Stable Diffusion 1.5 + ControlNet, "only masked".
 
 For one object move the backend
 1. takes the "only masked" crop: the inpaint mask's bounding box plus 50 px of padding (in a 700-px image, as in

@@ -1,4 +1,4 @@
-"""The contracts between the parts of KALIE's synthesis stage (kalie.md section 2).
+"""The contracts between the parts of KALIE's synthesis stage.
 
 A mask provider finds each named object's silhouette; a context annotator turns an image into the structure map
 ControlNet is conditioned on; an inpainting backend renders the object at its new pose. The recipe (geometry,

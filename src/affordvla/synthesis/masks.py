@@ -1,6 +1,6 @@
 """Object masks for KALIE's synthesis: GroundingDINO finds each named object's box, SAM cuts its silhouette.
 
-KALIE (kalie.md 2.2) runs GroundingDINO (SwinT-OGC) once per object with the object name as caption, box threshold
+KALIE runs GroundingDINO (SwinT-OGC) once per object with the object name as caption, box threshold
 0.3 and text threshold 0.22, keeps the single highest-scoring box, and prompts SAM (vit_h) with that box,
 `multimask_output=False`. Here both models run through transformers (`GroundingDinoForObjectDetection`,
 `SamModel`) from local checkpoint directories: the project's tiny random-weight ones, or converted real weights

@@ -1,4 +1,4 @@
-"""Appearance descriptions for KALIE's synthesis (kalie.md 2.3 and 2.7).
+"""Appearance descriptions for KALIE's synthesis.
 
 KALIE asks a vision LLM, once per object and with the image, for `n` descriptions of the object with a different
 appearance but the same category, as a JSON list of strings (temperature 1.3, 3 attempts); each inpainting prompt

@@ -1,4 +1,4 @@
-"""One synthetic variant of one KALIE entry (kalie.md 2.4): objects chained in order, each moved by its own affine
+"""One synthetic variant of one KALIE entry: objects chained in order, each moved by its own affine
 with its keypoints, its mask and its context map, then re-rendered by the inpainting backend.
 
 The recipe only talks to the protocols of `interfaces.py`, so the diffusion backend (inpaint.py) and the offline
@@ -37,7 +37,7 @@ from affordvla.synthesis.interfaces import (
     MaskProvider,
 )
 
-PROMPT_SUFFIX = ", top down view, highres, best quality, photorealistic"  # kalie.md 2.4
+PROMPT_SUFFIX = ", top down view, highres, best quality, photorealistic"  # KALIE's inpainting prompt suffix
 TARGET, CARRIED = "Target Point", ("Pre-contact Point", "Post-contact Point")
 
 

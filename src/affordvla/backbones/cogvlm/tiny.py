@@ -53,7 +53,7 @@ def write_tiny_cogvlm(out_dir: str | Path, *, seed: int = 0, **config_overrides)
     torch.manual_seed(seed)
     model = CogVLMForCausalLM(config)
     vision = config.vision
-    with torch.no_grad():  # 2-D sin-cos positions for the patches (shared/notes); CLS keeps a zero position
+    with torch.no_grad():  # 2-D sin-cos positions: each patch starts out knowing where it is; CLS keeps a zero position
         table = model.model.vision.patch_embedding.position_embedding.weight
         table[0].zero_()
         table[1:] = sincos_2d(vision.image_size // vision.patch_size, vision.hidden_size)

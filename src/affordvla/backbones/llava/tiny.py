@@ -77,7 +77,7 @@ def write_tiny_llava(out_dir: str | Path, *, seed: int = 0, **config_overrides) 
     model = LlavaForConditionalGeneration(config)
     vision = config.vision_config
     grid = vision.image_size // vision.patch_size
-    with torch.no_grad():  # 2-D sin-cos positions for the patches (shared/notes); CLS keeps a zero position
+    with torch.no_grad():  # 2-D sin-cos positions: each patch starts out knowing where it is; CLS keeps a zero position
         table = model.model.vision_tower.embeddings.position_embedding.weight
         table[0].zero_()
         table[1:] = sincos_2d(grid, vision.hidden_size)

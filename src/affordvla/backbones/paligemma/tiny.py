@@ -1,7 +1,7 @@
 """Write an offline tiny PaliGemma checkpoint directory: config, safetensors, tokenizer and processor files.
 
 The directory is loaded by the same `from_pretrained` code as a real PaliGemma checkpoint. Its initialisation is
-chosen so a tiny model can learn to point quickly (shared/notes/tiny-vlm-localization.md):
+chosen so a tiny model can learn to point quickly:
 - 2-D sin-cos patch position embeddings, so every patch token starts out knowing where it is;
 - the 1024 `<locNNNN>` embeddings (tied with the LM head) start as a smooth sin-cos code of the coordinate,
   so neighbouring bins share gradient instead of being 1024 unrelated classes.
