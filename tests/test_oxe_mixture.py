@@ -39,7 +39,8 @@ def test_unknown_dataset_fails_when_the_config_is_instantiated(tmp_path):
                          "dataset.mixture=[[bridge_orig,1.0],[nyu_door_opening_surprising_effectiveness,1.0]]"],
                         tmp_path / "run")
     with pytest.raises(InstantiationException,
-                       match=r"\['nyu_door_opening_surprising_effectiveness'\] \(dataset.mixture, data root .*nothing_here\) "
+                       match=r"\['nyu_door_opening_surprising_effectiveness'\] \(dataset.mixture, data root "
+                             r".*nothing_here\) "
                              r"have no"):
         instantiate(cfg.dataset)
     assert not (tmp_path / "nothing_here").exists()  # nothing read or written before the error
@@ -70,8 +71,8 @@ def test_mixture_datamodule_weights_statistics_and_unlabeled_counts(tmp_path):
 
     unlabeled = {"bridge_orig": {"train": 2, "val": 1}, "language_table": {"train": 1, "val": 0}}
     _write_mixture(tmp_path / "oxe", unlabeled)
-    settings = dict(cache_dir=str(tmp_path / "cache"), image_size=24, cameras=("primary", "wrist"), window_size=2,
-                    chunk_size=2, batch_size=2, balance_weights=False)
+    settings = {"cache_dir": str(tmp_path / "cache"), "image_size": 24, "cameras": ("primary", "wrist"),
+                "window_size": 2, "chunk_size": 2, "batch_size": 2, "balance_weights": False}
     module = OXEMixtureDataModule(str(tmp_path / "oxe"), [["bridge_orig", 1.0], ["language_table", 3.0]], **settings)
     module.setup()
     assert module.probabilities == {"bridge_orig": 0.25, "language_table": 0.75}
@@ -195,3 +196,23 @@ def test_five_dataset_mixture_trains_at_smoke_scale(tmp_path):
     assert (root / "bridge_orig" / "1.0.0" / "bridge_dataset-train.tfrecord-00000-of-00002").is_file()
     caches = list((tmp_path / "outputs" / "data" / "cache").glob("oxe_*_train_32px_primary_*.h5"))
     assert sorted(p.name.split("_train")[0][4:] for p in caches) == sorted(FIVE)
+
+
+def test_policy_runner_of_a_mixture_needs_its_unnorm_key():
+    from types import SimpleNamespace
+
+    from affordvla.heads.action_normalization import ActionNormalizer
+    from affordvla.rollout import PolicyRunner
+
+    bounds = {"q01": [-1.0] * 7, "q99": [1.0] * 7}
+    normalizer = ActionNormalizer(7, "identity", gripper_low=0.0,
+                                  datasets={"bridge_orig": bounds, "fractal20220817_data": bounds})
+    with pytest.raises(ValueError, match=r"give unnorm_key, one of \['bridge_orig', 'fractal20220817_data'\]"):
+        PolicyRunner(SimpleNamespace(normalizer=normalizer))
+    with pytest.raises(ValueError, match=r"unnorm_key 'kuka' is not among"):
+        PolicyRunner(SimpleNamespace(normalizer=normalizer), unnorm_key="kuka")
+    # a hand-worked inverse: [-1, 1] -> [q01, q99] = [0, 0.2]; the gripper stays binary
+    single = ActionNormalizer(3, "identity", gripper_low=0.0,
+                              datasets={"kuka": {"q01": [0.0, 0.0, 0], "q99": [0.2, 0.4, 1]}})
+    back = single.unnormalize(torch.tensor([[-1.0, 0.5, 1.0]]))
+    np.testing.assert_allclose(back.numpy(), [[0.0, 0.3, 1.0]], atol=1e-6)

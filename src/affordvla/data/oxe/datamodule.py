@@ -210,5 +210,6 @@ class OXEMixtureDataModule(ActionWindowDataModule):
                      "sampling_probabilities": self.probabilities, "image_size": self.image_size,
                      "action_normalization": {"mode": "bounds_q99", "per_dataset": True},
                      "dataset_statistics": self.dataset_statistics,
-                     "unlabeled_episodes": {name: dict(self.unlabeled_episodes.get(name, {})) for name, _ in self.entries}})
+                     "unlabeled_episodes": {name: dict(self.unlabeled_episodes.get(name, {}))
+                                            for name, _ in self.entries}})
         return meta

@@ -108,13 +108,15 @@ class OXEMixtureStream(IterableDataset):
     worker) pair, so no two consumers read the same episode. The rank and world size come from
     torch.distributed when it is initialised, and from the arguments otherwise. `metadata()` gives the episodes
     left out for having no instruction, per dataset, as far as this process has read (each loader worker
-    counts its own share)."""
+    counts its own share). Its actions are in each dataset's standardised units: the per-dataset normalisation
+    needs the statistics of a full pass, which the cached OXEMixtureDataModule computes."""
 
     def __init__(self, root: str | Path, mixture: str | list[tuple[str, float]], split: str = "train", *,
                  window_size: int = 1, chunk_size: int = 1, seed: int = 0, shuffle_buffer: int = 256,
                  rank: int | None = None, world_size: int | None = None, image_size: int | None = None,
                  cameras: tuple[str, ...] = ("primary",), skip_unlabeled: bool = True):
-        resolve_mixture(mixture, where=f"mixture, data root {root}")  # an unknown dataset fails here, before any data is read
+        # an unknown dataset fails here, before any data is read
+        resolve_mixture(mixture, where=f"mixture, data root {root}")
         self.root, self.mixture, self.split = root, mixture, split
         self.image_size, self.cameras, self.skip_unlabeled = image_size, tuple(cameras), skip_unlabeled
         self.window_size, self.chunk_size = window_size, chunk_size
