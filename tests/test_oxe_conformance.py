@@ -197,12 +197,15 @@ def test_language_table_hand_worked_actions(tmp_path):
 def test_every_standardiser_on_its_published_layout(tmp_path, name):
     spec = SPECS[name]
     rng = np.random.default_rng(0)
-    episodes = [synthetic_episode(spec, 5, rng, f"task {i}", image_shape=(24, 32)) for i in range(2)]
+    episodes = [synthetic_episode(spec, 5, rng, f"task {i}") for i in range(2)]  # frames at the published shapes
     write_rlds_dataset(tmp_path, name, {"train": episodes}, shards=2)
     data = RLDSDataset.open(tmp_path, name)
     features = read_features(data.path / "features.json")
     for feature in spec.features:  # the fixture carries the dataset's keys with their published shapes
         assert features[f"steps/{feature.key}"][1] == (feature.shape if feature.kind != "text" else ())
+    native = next(data.episodes("train", cameras=tuple(spec.images)))  # frames as stored, not resized
+    declared = {role: next(f.shape for f in spec.features if f.key == key) for role, key in spec.images.items()}
+    assert {"primary": native.images.shape[1:], **{r: v.shape[1:] for r, v in native.extra_images.items()}} == declared
     read = list(data.episodes("train", cameras=("primary", "wrist"), image_size=16))
     assert [e.instruction for e in read] == ["task 0", "task 1"]
     for episode, raw in zip(read, episodes):

@@ -23,12 +23,17 @@ EXECUTIONS = ("first", "ensemble")
 
 
 class PolicyRunner:
-    def __init__(self, module: ActionPolicyModule, execution: str = "first", ensemble_decay: float = 0.1):
+    def __init__(self, module: ActionPolicyModule, execution: str = "first", ensemble_decay: float = 0.1,
+                 unnorm_key: str | None = None):
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; valid: {list(EXECUTIONS)}")
         if module.normalizer is None:
             raise ValueError("the policy has no dataset metadata yet: train it, or load_exported_head() first")
         self.module, self.execution, self.ensemble_decay = module, execution, ensemble_decay
+        # a mixture policy: the dataset whose units the actions come back in (checked now, not mid-episode)
+        self.unnorm_key = unnorm_key
+        if module.normalizer.datasets:
+            module.normalizer.unnormalize(torch.zeros(1, module.normalizer.action_dim), unnorm_key)
         self.reset()
 
     def reset(self) -> None:
@@ -56,7 +61,8 @@ class PolicyRunner:
             history = np.stack(self._states) if self._states else None
             prompt = module.language_head.prompt(instruction, history)
             # an answer that does not parse keeps the gripper as it is
-            return module.language_head.predict(module.backbone, pixels, [prompt], self._gripper)[1][0]
+            chunk = module.language_head.predict(module.backbone, pixels, [prompt], self._gripper)[1][0]
+            return module.normalizer.unnormalize(torch.as_tensor(chunk), self.unnorm_key).numpy()
         prompt = module._prompt(instruction)
         if module.formulation == "interleaved":
             self._frames = (self._frames + [pixels[0]])[-self.window_size :]
@@ -67,7 +73,8 @@ class PolicyRunner:
         else:
             features = module.action_features(pixels, [prompt], 1, 1)[:, 0]
             arm, gripper = module.policy_head.step(features)
-        return module.normalizer.denormalize(arm, gripper > 0)[0].cpu().numpy()
+        actions = module.normalizer.denormalize(arm, gripper > 0)
+        return module.normalizer.unnormalize(actions, self.unnorm_key)[0].cpu().numpy()
 
     def act(self, observation: dict[str, Any]) -> np.ndarray:
         """`observation`: {"images": {camera: HxWx3 uint8} (or "image"), "instruction": str, "state": optional}."""

@@ -1,6 +1,7 @@
 """Bad Open X-Embodiment inputs: each is an ordinary exception whose message names the dataset and the file."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ def _fractal_episode():
 
 
 def test_unknown_dataset_in_a_mixture(tmp_path):
-    with pytest.raises(ValueError, match=rf"mixture datasets \['robo_net'\] \(data root {tmp_path}\) have no standard"):
+    with pytest.raises(ValueError, match=rf"mixture datasets \['robo_net'\] \(dataset.mixture, data root {tmp_path}\) "
+                                         "have no standard"):
         OXEMixtureDataModule(str(tmp_path), [["fractal20220817_data", 1.0], ["robo_net", 0.5]],
                              cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=rf"\['robo_net'\] \({tmp_path}\) have no standardisation"):
@@ -58,3 +60,44 @@ def test_features_json_with_another_shape(tmp_path):
                                              r"steps/action/world_vector has shape \[2\], the standardisation "
                                              r"expects \[3\]"):
         RLDSDataset.open(tmp_path, "fractal20220817_data")
+
+
+def test_oxe_bridge_with_an_unknown_name_fails_at_construction(tmp_path):
+    from affordvla.data.action_datamodule import ActionWindowDataModule
+
+    with pytest.raises(ValueError, match=r"dataset.name 'bridge_v3' \(root .*\) is not an Open X-Embodiment"):
+        ActionWindowDataModule("oxe", str(tmp_path), name="bridge_v3", cache_dir=str(tmp_path / "cache"))
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    data = edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _steps(features):
+    return features["featuresDict"]["features"]["steps"]
+
+
+@pytest.mark.parametrize("file, edit, message", [
+    ("dataset_info.json", lambda d: [d], r"dataset_info.json is a JSON list, expected an object"),
+    ("dataset_info.json", lambda d: {**d, "splits": [{k: v for k, v in d["splits"][0].items() if k != "name"}]},
+     r"dataset_info.json: splits\[0\] lacks 'name'"),
+    ("dataset_info.json", lambda d: {**d, "splits": [{**d["splits"][0], "shardLengths": ["one"]}]},
+     r"dataset_info.json: split 'train' has shardLengths \['one'\], expected episode counts"),
+    ("dataset_info.json", lambda d: {**d, "splits": [{**d["splits"][0], "shardLengths": "1"}]},
+     r"dataset_info.json: split 'train': 'shardLengths' is '1', expected a list"),
+    ("dataset_info.json", lambda d: {**d, "splits": {"train": 1}}, r"dataset_info.json: 'splits' is .*expected a list"),
+    ("dataset_info.json", lambda d: {**d, "splits": ["train"]}, r"dataset_info.json: splits\[0\] is a str"),
+    ("features.json", lambda d: [d], r"features.json: the top level is a list, expected a JSON object"),
+    ("features.json", lambda d: (_steps(d).update(sequence={"length": -1}), d)[1],
+     r"features.json: steps/sequence lacks 'feature'"),
+    ("features.json", lambda d: (_steps(d)["sequence"]["feature"]["featuresDict"]["features"].update(
+        action=["world_vector"]), d)[1], r"features.json: steps/action is a list, expected a JSON object"),
+])
+def test_malformed_metadata_names_the_dataset_and_file(tmp_path, file, edit, message):
+    path = write_rlds_dataset(tmp_path, "fractal20220817_data", {"train": [_fractal_episode()]}, shards=1)
+    _edit_json(path / file, edit)
+    with pytest.raises(OXEFormatError, match=rf"^dataset fractal20220817_data: {path / file}") as error:
+        RLDSDataset.open(tmp_path, "fractal20220817_data")
+    assert re.search(message, str(error.value)), str(error.value)

@@ -58,6 +58,8 @@ class ActionWindowDataModule(L.LightningDataModule):
             raise ValueError(f"unknown episode source {source!r}; valid: {list(SOURCES)}")
         if source == "oxe" and not name:
             raise ValueError("an oxe dataset needs `name` (the RLDS folder, e.g. bridge_orig)")
+        if source == "oxe":
+            self._check_oxe_name(name, root)  # here, before the backbone is built
         self.source, self.root, self.name = source, Path(root), name
         self.split_names = {"train": train_split, "val": val_split}
         self.window_size, self.chunk_size = window_size, chunk_size
@@ -77,6 +79,14 @@ class ActionWindowDataModule(L.LightningDataModule):
         self.generate = dict(generate) if generate else None
         self.splits: dict[str, Dataset] = {}
         self.statistics: dict[str, Any] | None = None
+
+    @staticmethod
+    def _check_oxe_name(name: str, root: str) -> None:
+        from affordvla.data.oxe.specs import SPECS
+
+        if name not in SPECS:
+            raise ValueError(f"dataset.name {name!r} (root {root}) is not an Open X-Embodiment dataset with a "
+                             f"standardisation; known: {sorted(SPECS)}")
 
     # --- building the datasets ----------------------------------------------------------------------------
     def _cache_path(self, split: str) -> Path:

@@ -4,6 +4,7 @@ keypoint datasets (KALIE, RoboPoint) as one group per sample.
 Layout::
 
     /                      attrs: format="affordvla-episodes", layout_version, source, source_format, complete
+                           (+ the source's own, e.g. OXE's unlabeled_episodes)
     /episodes/0000000/     attrs: key, instruction, length, done
         images/<camera>    uint8 (T, H, W, 3), one chunk per frame, lzf-compressed
         actions            float32 (T, D)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,9 @@ def rlbench_episodes(task_dir: str | Path, cameras: tuple[str, ...] = ("front",)
 
 
 def convert(episodes: Iterator[EpisodeRecord], out_path: str | Path, *, source: str, source_format: str,
-            total: int | None = None) -> dict[str, int]:
-    """Write (or resume writing) the cache; returns {"written": new episodes, "skipped": already done}."""
+            total: int | None = None, attrs: Callable[[], dict] | None = None) -> dict[str, int]:
+    """Write (or resume writing) the cache; returns {"written": new episodes, "skipped": already done}. `attrs`
+    is called once the episodes are exhausted (counts the iterator kept) and stored with `complete`."""
     import h5py
 
     out_path = Path(out_path)
@@ -124,6 +126,8 @@ def convert(episodes: Iterator[EpisodeRecord], out_path: str | Path, *, source: 
         extra = [n for n in group if int(n) > index]
         for name in extra:  # left over from a longer source: the cache mirrors the source exactly
             del group[name]
+        if attrs is not None:
+            f.attrs.update(attrs())
         f.attrs["complete"] = True
     log.info("cache %s: %d episodes written, %d already there", out_path, written, skipped)
     return {"written": written, "skipped": skipped}

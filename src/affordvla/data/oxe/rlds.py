@@ -36,30 +36,57 @@ def spec_for(folder: str, where: Path | str = "") -> DatasetSpec:
     return SPECS[folder]
 
 
-def read_features(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def read_features(path: Path, dataset: str = "") -> dict[str, tuple[str, tuple[int, ...]]]:
     """TFDS's features.json -> {flattened key: (kind, shape)}, kind being image, text or the tensor dtype."""
+    where = f"dataset {dataset}: {path}" if dataset else str(path)
     try:
         root = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise OXEFormatError(f"{path} does not exist") from None
+        raise OXEFormatError(f"{where} does not exist") from None
     except json.JSONDecodeError as exc:
-        raise OXEFormatError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise OXEFormatError(f"{where}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     flat: dict[str, tuple[str, tuple[int, ...]]] = {}
 
-    def walk(node: dict, prefix: str) -> None:
+    def walk(node: Any, prefix: str) -> None:
+        if not isinstance(node, dict):
+            raise OXEFormatError(f"{where}: {prefix.rstrip('/') or 'the top level'} is a {type(node).__name__}, "
+                                 "expected a JSON object (a TFDS feature)")
         if "featuresDict" in node:
-            for key, child in node["featuresDict"].get("features", {}).items():
+            children = _field(node["featuresDict"], "features", dict, f"{where}: {prefix}featuresDict", default={})
+            for key, child in children.items():
                 walk(child, f"{prefix}{key}/")
         elif "sequence" in node:  # the steps dataset: its per-step features
-            walk(node["sequence"]["feature"], prefix)
+            walk(_field(node["sequence"], "feature", dict, f"{where}: {prefix}sequence"), prefix)
         else:
             body = node.get("image") or node.get("tensor") or {}
             kind = "image" if "image" in node else "text" if "text" in node else body.get("dtype", "unknown")
-            dims = tuple(int(d) for d in body.get("shape", {}).get("dimensions", []))
-            flat[prefix.rstrip("/")] = (kind, dims)
+            dims = body.get("shape", {}).get("dimensions", []) if isinstance(body, dict) else None
+            try:
+                shape = tuple(int(d) for d in dims)
+            except (TypeError, ValueError):
+                raise OXEFormatError(f"{where}: {prefix.rstrip('/')} has shape dimensions {dims!r}, expected a "
+                                     "list of integers") from None
+            flat[prefix.rstrip("/")] = (kind, shape)
 
     walk(root, "")
     return flat
+
+
+_MISSING = object()
+
+
+def _field(node: Any, key: str, kind: type, where: str, default: Any = _MISSING) -> Any:
+    """node[key] checked to be a `kind`, else an OXEFormatError naming `where` (dataset and file)."""
+    if not isinstance(node, dict):
+        raise OXEFormatError(f"{where} is a {type(node).__name__}, expected a JSON object")
+    if key not in node:
+        if default is not _MISSING:
+            return default
+        raise OXEFormatError(f"{where} lacks {key!r}")
+    value = node[key]
+    if not isinstance(value, kind):
+        raise OXEFormatError(f"{where}: {key!r} is {value!r}, expected a {kind.__name__}")
+    return value
 
 
 @dataclass
@@ -96,7 +123,9 @@ class RLDSDataset:
         except json.JSONDecodeError as exc:
             raise OXEFormatError(f"dataset {name}: {info_path}: invalid JSON ({exc.msg} at line "
                                  f"{exc.lineno})") from None
-        features = read_features(path / "features.json")
+        if not isinstance(info, dict):
+            raise OXEFormatError(f"dataset {name}: {info_path} is a JSON {type(info).__name__}, expected an object")
+        features = read_features(path / "features.json", name)
         missing = [f"steps/{k}" for k in spec.required_keys() if f"steps/{k}" not in features]
         if missing:
             raise OXEFormatError(f"dataset {name}: {path / 'features.json'} lacks {missing}, which its "
@@ -107,28 +136,33 @@ class RLDSDataset:
             if kind not in ("image", "text") and shape != want:
                 raise OXEFormatError(f"dataset {name}: {path / 'features.json'}: steps/{key} has shape {list(shape)}, "
                                      f"the standardisation expects {list(want)}")
-        tfds_name = str(info.get("name") or name)
+        tfds_name = _field(info, "name", str, f"dataset {name}: {info_path}", default="") or name
         splits, lengths = cls._check_shards(name, tfds_name, path, info)
         return cls(name, tfds_name, path, splits, lengths, info, spec)
 
     @staticmethod
     def _check_shards(folder: str, tfds_name: str, path: Path, info: dict) -> tuple[dict, dict]:
         """Every shard dataset_info.json lists, present and holding its shardLengths episodes."""
-        file_format = info.get("fileFormat", "tfrecord")
+        where = f"dataset {folder}: {path / 'dataset_info.json'}"
+        file_format = _field(info, "fileFormat", str, where, default="tfrecord")
         if file_format != "tfrecord":
-            raise OXEFormatError(f"dataset {folder}: {path / 'dataset_info.json'}: fileFormat {file_format!r}; only "
-                                 "tfrecord is read")
-        entries = info.get("splits") or []
+            raise OXEFormatError(f"{where}: fileFormat {file_format!r}; only tfrecord is read")
+        entries = _field(info, "splits", list, where, default=[])
         if not entries:
-            raise OXEFormatError(f"dataset {folder}: {path / 'dataset_info.json'} lists no splits")
+            raise OXEFormatError(f"{where} lists no splits")
         splits, lengths = {}, {}
-        for entry in entries:
-            split = entry["name"]
-            counts = [int(n) for n in entry.get("shardLengths", [])]
-            if not counts:
-                raise OXEFormatError(f"dataset {folder}: {path / 'dataset_info.json'}: split {split!r} has no "
-                                     "shardLengths")
-            template = entry.get("filepathTemplate", SHARD_TEMPLATE)
+        for position, entry in enumerate(entries):
+            split = _field(entry, "name", str, f"{where}: splits[{position}]")
+            raw = _field(entry, "shardLengths", list, f"{where}: split {split!r}", default=[])
+            try:  # TFDS writes the counts as decimal strings
+                counts = [int(n) for n in raw]
+            except (TypeError, ValueError):
+                raise OXEFormatError(f"{where}: split {split!r} has shardLengths {raw!r}, expected episode "
+                                     "counts (integers)") from None
+            if not counts or min(counts) < 0:
+                raise OXEFormatError(f"{where}: split {split!r} has no shardLengths" if not counts else
+                                     f"{where}: split {split!r} has negative shardLengths {raw!r}")
+            template = _field(entry, "filepathTemplate", str, f"{where}: split {split!r}", default=SHARD_TEMPLATE)
             files = []
             for index, expected in enumerate(counts):
                 shard = path / (template.replace("{DATASET}", tfds_name).replace("{SPLIT}", split)

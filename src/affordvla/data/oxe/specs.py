@@ -52,8 +52,8 @@ class DatasetSpec:
     of unicode code points padded with zeros (language_table). `relabel_from_state` (bridge) takes the xyz/rpy
     deltas as state[t+1] - state[t] over the first six state values and drops the last step; `drop_first` drops
     step 0 (bridge's first action is all zeros). `absolute_pose` marks a dataset whose stored arm action is a
-    target end-effector pose rather than a delta; OpenVLA trains on it as is (normalised per dataset, not
-    differenced), and so does this reader."""
+    target end-effector pose rather than a delta; OpenVLA trains on it as is (normalised per dataset with its own
+    q01 / q99, not differenced), and so do this reader and the mixture data module."""
 
     name: str
     features: tuple[Feature, ...]

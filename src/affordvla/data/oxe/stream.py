@@ -56,11 +56,15 @@ def mixture_weights(mixture: str | list, available: set[str], *, allow_missing: 
 def stream_mixture(root: str | Path, mixture: str | list, split: str, *, window_size: int, chunk_size: int,
                    seed: int = 0, shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1,
                    image_size: int | None = None, cameras: tuple[str, ...] = ("primary",),
-                   skip_unlabeled: bool = True, allow_missing: bool = False) -> Iterator[ActionWindowSample]:
+                   skip_unlabeled: bool = True, allow_missing: bool = False,
+                   unlabeled: dict[str, int] | None = None,
+                   counted: set[str] | None = None) -> Iterator[ActionWindowSample]:
     """Interleave the mixture's datasets by weight, windows shuffled through a bounded buffer. Each dataset is
     read shard by shard (this consumer's shards only) and restarts when exhausted, so the stream is endless for
     training; memory holds at most `shuffle_buffer` windows plus one episode per dataset. The weights are taken
-    as given: sizes are unknown before a full pass, so OpenVLA's size balancing is the datamodule's (cached)."""
+    as given: sizes are unknown before a full pass, so OpenVLA's size balancing is the datamodule's (cached).
+    Episodes left out for having no instruction are counted per dataset into `unlabeled` as the first pass over
+    it reads them; `counted` receives the datasets whose first pass is complete (their count final)."""
     root = Path(root)
     available = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
     weights = mixture_weights(mixture, available, allow_missing=allow_missing, where=str(root))
@@ -68,13 +72,23 @@ def stream_mixture(root: str | Path, mixture: str | list, split: str, *, window_
     rng = np.random.default_rng([seed, rank])
 
     def windows(name: str) -> Iterator[ActionWindowSample]:
+        first_pass = True
         while True:
-            produced = False
+            produced, left_out = False, []
             for episode in datasets[name].episodes(split, rank=rank, world_size=world_size, image_size=image_size,
-                                                   cameras=cameras, skip_unlabeled=skip_unlabeled):
+                                                   cameras=cameras, skip_unlabeled=skip_unlabeled,
+                                                   unlabeled=left_out if first_pass else None):
+                if first_pass and unlabeled is not None:
+                    unlabeled[name] = len(left_out)
                 for window in episode_windows(episode, window_size, chunk_size):
                     produced = True
                     yield window
+            if first_pass:
+                if unlabeled is not None:
+                    unlabeled[name] = len(left_out)
+                if counted is not None:
+                    counted.add(name)
+                first_pass = False
             if not produced:
                 raise OXEFormatError(f"dataset {name}: {datasets[name].path}: split {split!r} gives consumer {rank} "
                                      f"of {world_size} no episodes (fewer episodes than ranks x loader workers?)")
@@ -92,18 +106,24 @@ def stream_mixture(root: str | Path, mixture: str | list, split: str, *, window_
 class OXEMixtureStream(IterableDataset):
     """`stream_mixture` as a torch IterableDataset: shards are divided among every (distributed rank, loader
     worker) pair, so no two consumers read the same episode. The rank and world size come from
-    torch.distributed when it is initialised, and from the arguments otherwise."""
+    torch.distributed when it is initialised, and from the arguments otherwise. `metadata()` gives the episodes
+    left out for having no instruction, per dataset, as far as this process has read (each loader worker
+    counts its own share). Its actions are in each dataset's standardised units: the per-dataset normalisation
+    needs the statistics of a full pass, which the cached OXEMixtureDataModule computes."""
 
     def __init__(self, root: str | Path, mixture: str | list[tuple[str, float]], split: str = "train", *,
                  window_size: int = 1, chunk_size: int = 1, seed: int = 0, shuffle_buffer: int = 256,
                  rank: int | None = None, world_size: int | None = None, image_size: int | None = None,
                  cameras: tuple[str, ...] = ("primary",), skip_unlabeled: bool = True):
-        resolve_mixture(mixture, where=f"data root {root}")  # an unknown dataset fails here, before any data is read
+        # an unknown dataset fails here, before any data is read
+        resolve_mixture(mixture, where=f"mixture, data root {root}")
         self.root, self.mixture, self.split = root, mixture, split
         self.image_size, self.cameras, self.skip_unlabeled = image_size, tuple(cameras), skip_unlabeled
         self.window_size, self.chunk_size = window_size, chunk_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
+        self.unlabeled: dict[str, int] = {}
+        self.counted: set[str] = set()
 
     def consumer(self) -> tuple[int, int]:
         import torch.distributed as dist
@@ -122,4 +142,13 @@ class OXEMixtureStream(IterableDataset):
         return stream_mixture(self.root, self.mixture, self.split, window_size=self.window_size,
                               chunk_size=self.chunk_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
                               rank=consumer, world_size=consumers, image_size=self.image_size,
-                              cameras=self.cameras, skip_unlabeled=self.skip_unlabeled)
+                              cameras=self.cameras, skip_unlabeled=self.skip_unlabeled, unlabeled=self.unlabeled,
+                              counted=self.counted)
+
+    def metadata(self) -> dict:
+        """`unlabeled_episodes`: {dataset: {split: episodes left out}} read so far; `unlabeled_complete`: {dataset:
+        whether a whole pass over its share was read, so the count is final}."""
+        names = [name for name, _ in resolve_mixture(self.mixture)]
+        return {"source": "oxe_mixture", "mixture": self.mixture, "split": self.split,
+                "unlabeled_episodes": {n: {self.split: self.unlabeled[n]} for n in names if n in self.unlabeled},
+                "unlabeled_complete": {n: n in self.counted for n in names}}
