@@ -87,7 +87,7 @@ def test_write_once_never_writes_into_a_folder_with_other_content(tmp_path):
     user = tmp_path / "user" / "data"
     user.mkdir(parents=True)
     (user / "mine.json").write_text("{}")
-    with pytest.raises(ForeignContentError, match=r"mine\.json.*Drop the dataset\.root="):
+    with pytest.raises(ForeignContentError, match=r"mine\.json.*dataset\.root=.*drop it"):
         write_once(user, "toy", {"seed": 0}, lambda: (user / "mine.json").write_text("overwritten"))
     assert (user / "mine.json").read_text() == "{}" and sorted(p.name for p in tmp_path.rglob("*")) == [
         "data", "mine.json", "user"]

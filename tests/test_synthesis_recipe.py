@@ -323,7 +323,8 @@ def test_training_hook_varies_only_the_training_split(tmp_path):
                                 "masks": {"_target_": "affordvla.synthesis.dataset_masks.DatasetMasks"}}})
     assert apply_synthesis(OmegaConf.create({"name": "none"}), dm) is dm and dm.generate is not None
     dm = apply_synthesis(cfg, dm)
-    assert dm.generate is None and dm.root.parent == tmp_path / "synth" and dm.root.name.startswith(f"{toy.name}-kalie_")
+    assert dm.generate is None and dm.root.parent == tmp_path / "synth"
+    assert dm.root.name.startswith(f"{toy.name}-kalie_")
     dm.setup()
     assert {s: len(d) for s, d in dm.splits.items()} == {"train": 9, "val": 1, "test": 2}
     assert all("synthesis" not in e.other for s in ("val", "test") for e in dm.splits[s].entries)

@@ -97,9 +97,9 @@ def check_generator_owns(root: str | Path, override: str = "dataset.root") -> di
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ForeignContentError(
-            f"{root} holds files the data generator did not write ({shown}); generated data is never written into "
-            f"such a folder. Drop the {override}={root} override to use the project's own generated folder, or "
-            f"set dataset.generate=null to read the data that is there")
+            f"{root} holds files the data generator did not write ({shown}), so no generated data is written there. "
+            f"If {override}={root} was given as an override, drop it to use the project's own generated folder (or "
+            f"set dataset.generate=null to read the data that is there); otherwise move those files out")
     return record
 
 

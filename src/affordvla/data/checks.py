@@ -54,7 +54,8 @@ def decode_error(path: str | Path) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def unreadable_images(paths: Iterable[str | Path], sample: int | None = None, seed: int = 0) -> tuple[dict[str, str], int]:
+def unreadable_images(paths: Iterable[str | Path], sample: int | None = None,
+                      seed: int = 0) -> tuple[dict[str, str], int]:
     """Decode each distinct image of `paths` (or a seeded `sample` of them, for sets too large to read at every
     start); returns ({path: why it failed}, how many were checked)."""
     distinct = list(dict.fromkeys(str(p) for p in paths))

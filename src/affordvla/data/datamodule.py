@@ -142,8 +142,9 @@ class KeypointDataModule(L.LightningDataModule, abc.ABC):
         bad = [e for e in entries if str(e.image_path) in failed]
         if on_error == "raise":
             first = bad[0]
+            why = failed[str(first.image_path)]
             raise self.format_error(
-                f"{where}, entry {first.key!r}: image {first.image_path} does not decode ({failed[str(first.image_path)]})"
+                f"{where}, entry {first.key!r}: image {first.image_path} does not decode ({why})"
                 f"; {len(failed)} unreadable image(s) in all. Replace them, or set dataset.on_error=skip to leave "
                 "their entries out (counted in the run's dataset metadata)")
         for entry in bad:

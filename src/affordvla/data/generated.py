@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from affordvla.locking import check_generator_owns
+
 
 class GeneratedRootError(ValueError):
     """A data module was asked to generate data into a folder that is not a generated one."""
@@ -38,7 +40,7 @@ def generated_name(kind: str, settings: Mapping[str, Any] | None) -> str:
 def check_generated_root(root: str | Path, kind: str, settings: Mapping[str, Any], allowed: Iterable[str]) -> None:
     """Refuse to generate into `root` unless it is named by these settings (as the configs name generated
     folders): a `dataset.root` given by hand together with `dataset.generate` names the user's own folder. Then
-    `settings` may only hold the generator's `allowed` keys."""
+    `settings` may only hold the generator's `allowed` keys, and `root` nothing the generator did not write."""
     expected = generated_name(kind, settings)
     if Path(root).name != expected:
         raise GeneratedRootError(
@@ -50,6 +52,7 @@ def check_generated_root(root: str | Path, kind: str, settings: Mapping[str, Any
     if unknown:
         raise GeneratedRootError(f"dataset.generate has unknown setting(s) {unknown}; the {kind} generator takes "
                                  f"{sorted(allowed)}")
+    check_generator_owns(root)  # a user's file inside it: refused now, not after a model is built
 
 
 def check_inside(root: str | Path, *paths: str | Path) -> None:
