@@ -89,10 +89,16 @@ def test_write_once_never_writes_into_a_folder_with_other_content(tmp_path):
     (user / "mine.json").write_text("{}")
     with pytest.raises(ForeignContentError, match=r"mine\.json.*dataset\.root=.*drop it"):
         write_once(user, "toy", {"seed": 0}, lambda: (user / "mine.json").write_text("overwritten"))
-    assert (user / "mine.json").read_text() == "{}" and sorted(p.name for p in tmp_path.rglob("*")) == [
-        "data", "mine.json", "user"]
+    assert (user / "mine.json").read_text() == "{}" and sorted(p.name for p in (tmp_path / "user").rglob("*")) == [
+        "data", "mine.json"] and [p.name for p in tmp_path.iterdir()] == ["user"]
+    legacy = tmp_path / "legacy"  # generated before the record listed its files: rewritten once, then recorded
+    legacy.mkdir()
+    (legacy / "toy_actions.json").write_text("{}")
+    assert write_once(legacy, "toy", {"seed": 0}, lambda: (legacy / "a").write_text("a")) is True
+    assert json.loads((legacy / GENERATED_MARKER).read_text())["files"] == ["a", "toy_actions.json"]
     generated = tmp_path / "generated"
     write_once(generated, "toy", {"seed": 0}, lambda: (generated / "a").write_text("a"))
-    (generated / "added.png").write_bytes(b"user")
+    (generated / "added.png").write_bytes(b"user")  # a user's file, or a reader's cache, beside generated data
+    assert write_once(generated, "toy", {"seed": 0}, lambda: None) is False  # complete: read, nothing written
     with pytest.raises(ForeignContentError, match="added.png"):
-        write_once(generated, "toy", {"seed": 1}, lambda: None)
+        write_once(generated, "another part", {"seed": 1}, lambda: None)

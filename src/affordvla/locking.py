@@ -61,6 +61,8 @@ class ForeignContentError(ValueError):
 
 # The generator's record in a folder it owns: what it wrote (every file) and with which settings (per part).
 GENERATED_MARKER = ".affordvla-generated.json"
+# what the generators left before they kept that record (no file list): such a folder is theirs, written anew once
+LEGACY_MARKERS = ("generation.json", "toy_robopoint.json", "toy_actions.json", "toy_oxe.json", ".toy_rlbench")
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -81,18 +83,21 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()} - {GENERATED_MARKER}
 
 
-def check_generator_owns(root: str | Path, override: str = "dataset.root") -> dict | None:
+def check_generator_owns(root: str | Path, override: str = "dataset.root", writing: bool = True) -> dict | None:
     """The generator's record of `root` (None: nothing there yet), or ForeignContentError when `root` holds a file
-    the record does not list: a user's data, never to be written over. `override` names the setting that points
-    the generator there."""
+    it did not write: a user's data, never to be written over. With `writing=False` (data that is only to be read
+    if complete) a folder the record claims passes as it is: readers may cache derived files beside the data.
+    `override` names the setting that points the generator there."""
     root = Path(root)
     if not root.exists():
         return None
     if not root.is_dir():
         raise ForeignContentError(f"{root} is a file, not a folder for generated data; drop the {override} override")
     record = _read_marker(root)
-    if record is not None and not record.get("complete"):
-        return record  # claimed while empty, then interrupted: everything in it is the generator's
+    if record is None and any((root / name).exists() for name in LEGACY_MARKERS):
+        return {"complete": False, "parts": {}, "files": []}
+    if record is not None and (not record.get("complete") or not writing):
+        return record  # claimed while empty (then perhaps interrupted): the generator's folder
     foreign = sorted(_files(root) - set(record["files"] if record else ()))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -113,9 +118,9 @@ def write_once(root: str | Path, part: str, recorded: dict, write: Callable[[], 
     this call wrote."""
     root = Path(root)
     recorded = json.loads(json.dumps(recorded))  # as it reads back from the record
-    check_generator_owns(root, override)  # before the lock: nothing, not even a lock file, beside a user's folder
+    check_generator_owns(root, override, writing=False)  # before the lock: no lock file beside a user's folder
     with exclusive(root):
-        record = check_generator_owns(root, override) or {"parts": {}, "files": []}
+        record = check_generator_owns(root, override, writing=False) or {"parts": {}, "files": []}
         done = record.get("complete")
         if done and record["parts"].get(part) == recorded:
             return False
@@ -124,6 +129,7 @@ def write_once(root: str | Path, part: str, recorded: dict, write: Callable[[], 
                 f"{root} holds generated data of {part} with other parameters ({record['parts'][part]}, asked "
                 f"{recorded}); generated folders are named by their settings, so this one was given by hand: drop "
                 f"the {override}={root} override, or delete the folder")
+        check_generator_owns(root, override)  # about to write: nothing in it but what the generator wrote
         parts = {k: v for k, v in record["parts"].items() if done}
         root.mkdir(parents=True, exist_ok=True)
         _write_marker(root, {"complete": False, "parts": parts, "files": record["files"]})

@@ -19,14 +19,22 @@ def train(workspace, *overrides: str):
 
 # --- generated data never lands in the user's folder (issue item 1) -------------------------------------------
 @pytest.mark.parametrize("scale", ["debug=smoke", "scale=smoke"])
-def test_smoke_run_on_a_real_kalie_folder_leaves_it_byte_identical(workspace, scale):
-    """`debug=smoke dataset=kalie dataset.root=<the user's data>` used to write the toy dataset into it; now it is
-    refused, naming the override to drop (and the one that reads the data instead)."""
+def test_smoke_run_on_a_real_kalie_folder_leaves_it_byte_identical(workspace, scale, tiny_backbone_dir):
+    """`debug=smoke dataset=kalie dataset.root=<the user's data>` used to write the toy dataset into it. Now the
+    folder stays byte-identical, and the run either reads the data at smoke scale or is refused, naming the
+    override to drop (and the one that reads the data instead). The backbone is a prebuilt tiny one, so a run that
+    trains never builds one."""
     data = write_kalie_folder(workspace.user("kalie"), entries=30)
     workspace.watch(data.parent)  # the folder and its siblings (no `kalie.lock` beside it either)
-    result = train(workspace, "dataset=kalie", f"dataset.root={data}", scale)
-    assert_clear_failure(workspace, result, f"dataset.root={data}", "dataset.generate=null",
-                         created=(data.parent / "kalie.lock",))
+    result = train(workspace, "dataset=kalie", f"dataset.root={data}", scale,
+                   f"backbone.pretrained={tiny_backbone_dir}", "backbone.build=null")
+    if result.returncode != 0:
+        assert_clear_failure(workspace, result, f"dataset.root={data}", "dataset.generate=null",
+                             created=(data.parent / "kalie.lock",))
+        return
+    assert not workspace.unchanged(), workspace.unchanged()
+    (run_info,) = (workspace.project / "outputs").rglob("run_info.json")
+    assert json.loads(run_info.read_text())["dataset"]["root"] == str(data)
 
 
 def test_generated_folder_with_a_users_file_is_not_written(workspace):
@@ -174,3 +182,22 @@ def test_rlbench_task_missing_from_a_split(workspace):
     result = train(workspace, "experiment=toy_actions_lstm", "dataset=rlbench", f"dataset.root={data}",
                    "dataset.tasks=[open_drawer,close_jar]", "dataset.cameras=[front]")
     assert_clear_failure(workspace, result, "close_jar", str(data / "train"))
+
+
+# --- affordvla-data --------------------------------------------------------------------------------------------
+def test_hdf5_conversion_into_an_existing_dataset_folder(workspace):
+    """kalie-from-hdf5 used to replace data_jsonformat.json in a folder that already held a dataset."""
+    collection = workspace.user("collection")
+    (collection / "trash_sweeping").mkdir()
+    data = write_kalie_folder(workspace.user("kalie"))
+    workspace.watch(data, collection)
+    result = workspace.run("affordvla-data", "kalie-from-hdf5", str(collection), str(data))
+    assert_clear_failure(workspace, result, str(data), "out_dir")
+
+
+def test_cache_conversion_of_a_folder_without_a_kalie_index(workspace):
+    data = write_robopoint_folder(workspace.user("robopoint"))
+    out = workspace.project / "outputs" / "cache.h5"
+    workspace.watch(data)
+    result = workspace.run("affordvla-data", "convert", "kalie", str(data), str(out))
+    assert_clear_failure(workspace, result, str(data / "data_jsonformat.json"), created=(out,))

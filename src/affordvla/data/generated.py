@@ -52,7 +52,7 @@ def check_generated_root(root: str | Path, kind: str, settings: Mapping[str, Any
     if unknown:
         raise GeneratedRootError(f"dataset.generate has unknown setting(s) {unknown}; the {kind} generator takes "
                                  f"{sorted(allowed)}")
-    check_generator_owns(root)  # a user's file inside it: refused now, not after a model is built
+    check_generator_owns(root, writing=False)  # a folder of a user's files: refused now, not after a model is built
 
 
 def check_inside(root: str | Path, *paths: str | Path) -> None:
