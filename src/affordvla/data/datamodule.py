@@ -8,7 +8,6 @@ before the loaders are built.
 from __future__ import annotations
 
 import abc
-import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.checks import require_dir, require_file, unreadable_images
-from affordvla.data.generated import check_generated_root
+from affordvla.data.generated import check_generated_root, settings_of
 from affordvla.data.kalie import JSON_NAME, ON_ERROR_CHOICES
 from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie import (
@@ -199,6 +198,7 @@ class KalieDataModule(KeypointDataModule):
 
     points_per_sample = len(KALIE_POINT_NAMES)
     format_error = KalieFormatError
+
     def __init__(
         self,
         root: str,
@@ -235,7 +235,7 @@ class KalieDataModule(KeypointDataModule):
         self.generate = generate
         # before any work: generated data only into its own folder, a user's folder only read and of KALIE's layout
         if generate is not None:
-            check_generated_root(self.root, "kalie", generate, inspect.signature(ensure_toy_kalie).parameters)
+            check_generated_root(self.root, "kalie", generate, settings_of(ensure_toy_kalie))
         else:
             require_dir(self.root, "dataset.root", f"a KALIE dataset folder: imgs/ and {JSON_NAME}")
             require_file(self.root / JSON_NAME, "dataset.root", f"KALIE's index {JSON_NAME} (KALIE's layout: "

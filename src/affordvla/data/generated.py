@@ -10,8 +10,9 @@ ${dataset.generate}}`); a data module given `generate` checks that its `root` is
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,11 @@ def check_generated_root(root: str | Path, kind: str, settings: Mapping[str, Any
         raise GeneratedRootError(f"dataset.generate has unknown setting(s) {unknown}; the {kind} generator takes "
                                  f"{sorted(allowed)}")
     check_generator_owns(root, writing=False)  # a folder of a user's files: refused now, not after a model is built
+
+
+def settings_of(writer: Callable[..., Any]) -> list[str]:
+    """The settings a generator function takes: its keyword-only parameters (the paths come first)."""
+    return [n for n, p in inspect.signature(writer).parameters.items() if p.kind is p.KEYWORD_ONLY]
 
 
 def check_inside(root: str | Path, *paths: str | Path) -> None:

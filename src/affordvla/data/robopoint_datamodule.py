@@ -15,7 +15,6 @@ image never land on both sides; validation = test, as for KALIE.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from collections import Counter
@@ -27,7 +26,7 @@ import numpy as np
 
 from affordvla.data.checks import require_dir, require_file
 from affordvla.data.datamodule import KeypointDataModule, KeypointDataset
-from affordvla.data.generated import check_generated_root, check_inside
+from affordvla.data.generated import check_generated_root, check_inside, settings_of
 from affordvla.data.kalie import ON_ERROR_CHOICES, kalie_split
 from affordvla.data.robopoint import (
     RoboPointFormatError,
@@ -122,7 +121,7 @@ class RoboPointDataModule(KeypointDataModule):
             if root is None:
                 raise ValueError("generated RoboPoint data needs `root` (its Where2Place folder is written to "
                                  "<root>/where2place)")
-            check_generated_root(root, "robopoint", generate, inspect.signature(ensure_toy_robopoint).parameters)
+            check_generated_root(root, "robopoint", generate, settings_of(ensure_toy_robopoint))
             check_inside(root, json_path, image_dir)
         else:
             require_file(json_path, "dataset.json_path", "RoboPoint's LLaVA conversation JSON, e.g. "
