@@ -57,12 +57,12 @@ def test_wrong_configuration_is_explained(tmp_path):
         ActionWindowDataModule("oxe", str(tmp_path))
 
 
-def test_the_entrypoint_refuses_a_module_that_does_not_match_the_data(tmp_path):
+def test_the_entrypoint_refuses_a_module_that_does_not_match_the_data(calvin_root, tmp_path):
     from conftest import compose_train
 
     from affordvla.train import train
 
-    cfg = compose_train(["dataset=calvin", f"dataset.root={tmp_path}", "logger=none"], tmp_path / "run")
+    cfg = compose_train(["dataset=calvin", f"dataset.root={calvin_root}", "logger=none"], tmp_path / "run")
     with pytest.raises(ValueError, match="yields action_window samples but module affordvla.module.AffordVLAModule "
                                          "trains on keypoints samples; use module=action_policy"):
         train(cfg)

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affordvla.data.robopoint import RoboPointFormatError, read_where2place
+from affordvla.data.generated import generated_name
+from affordvla.data.robopoint import read_where2place
 from affordvla.data.robopoint_datamodule import RoboPointDataModule, read_pointing_index
 from affordvla.data.toy_rlbench import write_toy_rlbench
 from affordvla.data.toy_robopoint import ensure_toy_robopoint
 from affordvla.evaluation.where2place import load_mask
+from affordvla.locking import ForeignContentError
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +56,19 @@ def test_toy_robopoint_is_reused_and_refuses_other_settings(toy_robopoint):
                          toy_robopoint / "where2place", seed=3, image_size=48, images=10, where2place=10,
                          unseen_fraction=0.3)
     assert (toy_robopoint / "robopoint_1432k.json").stat().st_mtime_ns == before
-    with pytest.raises(RoboPointFormatError, match="other parameters"):
+    with pytest.raises(ForeignContentError, match="other parameters"):
         ensure_toy_robopoint(toy_robopoint / "robopoint_1432k.json", toy_robopoint / "images",
                              toy_robopoint / "where2place", seed=4, image_size=48, images=10, where2place=10)
 
 
 def test_robopoint_datamodule_generates_on_first_use(tmp_path):
-    data = RoboPointDataModule(json_path=str(tmp_path / "rp" / "conv.json"), image_dir=str(tmp_path / "rp" / "img"),
-                               root=str(tmp_path / "rp"), generate={"seed": 0, "image_size": 32, "images": 10,
-                                                                     "where2place": 4})
+    settings = {"seed": 0, "image_size": 32, "images": 10, "where2place": 4}
+    root = tmp_path / generated_name("robopoint", settings)
+    data = RoboPointDataModule(json_path=str(root / "conv.json"), image_dir=str(root / "img"), root=str(root),
+                               generate=settings)
     data.setup()
     assert len(data.splits["train"]) > 0 and len(data.splits["test"]) > 0
-    assert len(read_where2place(tmp_path / "rp" / "where2place")) == 4
+    assert len(read_where2place(root / "where2place")) == 4
 
 
 def test_where2place_callback_scores_perfect_and_empty_answers(toy_robopoint):
@@ -90,11 +93,11 @@ def test_where2place_callback_scores_perfect_and_empty_answers(toy_robopoint):
 def test_toy_rlbench_reads_as_llarva_actions(tmp_path):
     from affordvla.data.action_datamodule import ActionWindowDataModule
 
-    data = ActionWindowDataModule(source="rlbench", root=str(tmp_path / "rlb"), cameras=("front",),
-                                  tasks=["open_drawer", "close_jar"], train_split="train", val_split="val",
-                                  window_size=5, chunk_size=1, cache_dir=str(tmp_path / "cache"),
-                                  generate={"train_episodes": 2, "val_episodes": 1, "episode_length": 6,
-                                            "image_size": 32})
+    settings = {"train_episodes": 2, "val_episodes": 1, "episode_length": 6, "image_size": 32}
+    data = ActionWindowDataModule(source="rlbench", root=str(tmp_path / generated_name("rlbench", settings)),
+                                  cameras=("front",), tasks=["open_drawer", "close_jar"], train_split="train",
+                                  val_split="val", window_size=5, chunk_size=1, cache_dir=str(tmp_path / "cache"),
+                                  generate=settings)
     data.setup()
     meta = data.metadata()
     assert meta["tasks"] == ["open_drawer", "close_jar"] and meta["action_dim"] == 8 and meta["state_dim"] == 7
@@ -105,7 +108,7 @@ def test_toy_rlbench_reads_as_llarva_actions(tmp_path):
 
 
 def test_toy_rlbench_adds_tasks_and_refuses_other_settings(tmp_path):
-    from affordvla.data.rlbench import RLBenchFormatError, list_episodes
+    from affordvla.data.rlbench import list_episodes
 
     write_toy_rlbench(tmp_path, ["turn_tap"], splits={"train": 1}, episode_length=4, image_size=16)
     first = (tmp_path / "train" / "turn_tap" / "all_variations" / "episodes" / "episode0" / "low_dim_obs.pkl")
@@ -117,7 +120,7 @@ def test_toy_rlbench_adds_tasks_and_refuses_other_settings(tmp_path):
     assert len(observations) == 4 and observations[0].gripper_open == 1.0 and observations[-1].gripper_open == 0.0
     velocities = observations[0].joint_velocities
     assert np.allclose(observations[1].joint_positions, observations[0].joint_positions + velocities)
-    with pytest.raises(RLBenchFormatError, match="turn_tap"):
+    with pytest.raises(ForeignContentError, match="turn_tap"):
         write_toy_rlbench(tmp_path, ["turn_tap"], splits={"train": 2}, episode_length=4, image_size=16)
 
 
@@ -125,12 +128,12 @@ def test_kalie_train_subset_keeps_variants_with_their_originals(tmp_path):
     from affordvla.data.datamodule import KalieDataModule, original_subset
     from affordvla.data.kalie import KalieFormatError
 
-    plain = KalieDataModule(str(tmp_path / "kalie"), generate={"seed": 0, "image_size": 32,
-                                                               "splits": {"train": 8, "val": 2, "test": 2}},
-                            max_train_samples=3, train_subset_seed=1)
+    settings = {"seed": 0, "image_size": 32, "splits": {"train": 8, "val": 2, "test": 2}}
+    root = tmp_path / generated_name("kalie", settings)
+    plain = KalieDataModule(str(root), generate=settings, max_train_samples=3, train_subset_seed=1)
     plain.setup()
     assert len(plain.splits["train"]) == 3 and plain.metadata()["max_train_samples"] == 3
-    again = KalieDataModule(str(tmp_path / "kalie"), max_train_samples=3, train_subset_seed=1)
+    again = KalieDataModule(str(root), max_train_samples=3, train_subset_seed=1)
     again.setup()
     assert [e.key for e in again.splits["train"].entries] == [e.key for e in plain.splits["train"].entries]
     # a synthesised folder: entries name their source in manifest.json; variants follow their original

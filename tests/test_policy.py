@@ -32,7 +32,9 @@ TOY = {"train_episodes": 4, "val_episodes": 2, "episode_length": 12, "distractor
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("toy_actions")
+    from affordvla.data.generated import generated_name
+
+    return tmp_path_factory.mktemp("toy_actions") / generated_name("calvin", TOY)
 
 
 def _datamodule(root, window: int, chunk: int = 3) -> ActionWindowDataModule:

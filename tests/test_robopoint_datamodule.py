@@ -144,7 +144,7 @@ def test_bad_input_is_explained(robopoint_root, tmp_path):
         "conversations"][:2]}])
     with pytest.raises(RoboPointFormatError, match=r"text.json: no pointing answers .*'text': 1"):
         RoboPointDataModule(str(text_only), str(robopoint_root / "images")).setup()
-    with pytest.raises(RoboPointFormatError, match=r"nothing.json does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"nothing.json does not exist \(dataset.json_path"):
         RoboPointDataModule(str(tmp_path / "nothing.json"), str(robopoint_root / "images")).setup()
 
 

@@ -311,9 +311,11 @@ def test_training_hook_varies_only_the_training_split(tmp_path):
     from omegaconf import OmegaConf
 
     from affordvla.data.datamodule import KalieDataModule
+    from affordvla.data.generated import generated_name
 
     generate = {"seed": 2, "image_size": 48, "splits": {"train": 3, "val": 1, "test": 2}}
-    dm = KalieDataModule(str(tmp_path / "toy"), generate=generate)
+    toy = tmp_path / generated_name("kalie", generate)  # generated data goes only to a folder named by its settings
+    dm = KalieDataModule(str(toy), generate=generate)
     cfg = OmegaConf.create({"name": "kalie_compositing", "splits": ["train"], "output_root": str(tmp_path / "synth"),
                             "output_dir": None, "progress": False, "recipe": {
                                 "_target_": "affordvla.synthesis.recipe.KalieRecipe", "num_variants": 2,
@@ -321,13 +323,14 @@ def test_training_hook_varies_only_the_training_split(tmp_path):
                                 "masks": {"_target_": "affordvla.synthesis.dataset_masks.DatasetMasks"}}})
     assert apply_synthesis(OmegaConf.create({"name": "none"}), dm) is dm and dm.generate is not None
     dm = apply_synthesis(cfg, dm)
-    assert dm.generate is None and dm.root.parent == tmp_path / "synth" and dm.root.name.startswith("toy-kalie_")
+    assert dm.generate is None and dm.root.parent == tmp_path / "synth"
+    assert dm.root.name.startswith(f"{toy.name}-kalie_")
     dm.setup()
     assert {s: len(d) for s, d in dm.splits.items()} == {"train": 9, "val": 1, "test": 2}
     assert all("synthesis" not in e.other for s in ("val", "test") for e in dm.splits[s].entries)
     assert sum("synthesis" in e.other for e in dm.splits["train"].entries) == 6
     # a second run finds the dataset complete and reuses the same folder
-    again = apply_synthesis(cfg, KalieDataModule(str(tmp_path / "toy"), generate=generate))
+    again = apply_synthesis(cfg, KalieDataModule(str(toy), generate=generate))
     assert again.root == dm.root
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affordvla.data.kalie import KalieFormatError, load_kalie_sample, read_kalie_index
+from affordvla.data.kalie import load_kalie_sample, read_kalie_index
 from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.sample import KALIE_POINT_NAMES
 from affordvla.data.tabletop import make_scene
 from affordvla.data.toy_kalie import ensure_toy_kalie
+from affordvla.locking import ForeignContentError
 
 SPLITS = {"train": 10, "val": 3, "test": 5}
 
@@ -74,7 +75,7 @@ def test_generation_is_seeded_and_reused(dataset, tmp_path):
     before = (again / "imgs/entry_0.png").stat().st_mtime_ns
     ensure_toy_kalie(tmp_path / "again", seed=3, splits=SPLITS, image_size=64)  # complete: nothing rewritten
     assert (again / "imgs/entry_0.png").stat().st_mtime_ns == before
-    with pytest.raises(KalieFormatError, match="other parameters"):
+    with pytest.raises(ForeignContentError, match="other parameters"):
         ensure_toy_kalie(tmp_path / "again", seed=4, splits=SPLITS, image_size=64)
 
 

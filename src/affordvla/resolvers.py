@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from affordvla.data.generated import generated_name
+
 
 def project_root() -> str:
     """Where outputs go: $AFFORDVLA_ROOT, else the directory the command was started from (absolute, so the
@@ -16,3 +18,5 @@ def project_root() -> str:
 
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", project_root)
+if not OmegaConf.has_resolver("generated_name"):  # a generated dataset's folder, named by its settings
+    OmegaConf.register_new_resolver("generated_name", generated_name)

@@ -76,8 +76,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = apply_synthesis(cfg.get("synthesis"), instantiate(cfg.dataset))  # synthesis=none: unchanged
     _check_pairing(cfg, datamodule)
-    backbone = instantiate(cfg.backbone)
+    # the data is generated, read and pre-flight checked, and the head matched to it, before any model is built
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     head = instantiate(cfg.head)
+    if hasattr(head, "match_point_count"):
+        head.match_point_count(getattr(datamodule, "points_per_sample", None))
+    backbone = instantiate(cfg.backbone)
     module = instantiate(cfg.module, backbone=backbone, head=head)
     if hasattr(module, "make_collate"):
         datamodule.collate = module.make_collate()
@@ -97,8 +102,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # one task per GPU): the run's files, export and MLflow records are written by global rank 0 only.
     rank_zero = trainer.is_global_zero
 
-    datamodule.prepare_data()
-    datamodule.setup("fit")
     if rank_zero:
         run_files = write_run_files(cfg, output_dir, overrides, {
             "tags": tags, "dataset": datamodule.metadata(), "backbone_source": backbone.source,

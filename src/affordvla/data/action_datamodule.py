@@ -23,11 +23,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from affordvla.data.calvin import LANG_FILE
+from affordvla.data.checks import require_dir, require_file
+from affordvla.data.generated import check_generated_root
 from affordvla.data.sample import ActionWindowSample
 from affordvla.data.sampling import StepResumableSampler
 
 log = logging.getLogger(__name__)
 SOURCES = ("calvin", "oxe", "rlbench")
+# what `generate` may set, per source: the toy episodes' settings (CALVIN, OXE), the fixture's (RLBench)
+_TOY_EPISODES = ("train_episodes", "val_episodes", "episode_length", "distractors", "seed")
+GENERATOR_SETTINGS = {"calvin": _TOY_EPISODES, "oxe": _TOY_EPISODES,
+                      "rlbench": ("train_episodes", "val_episodes", "episode_length", "image_size", "seed")}
 
 
 def collate_action_windows(samples: list[ActionWindowSample]) -> dict[str, Any]:
@@ -46,6 +53,9 @@ def collate_action_windows(samples: list[ActionWindowSample]) -> dict[str, Any]:
 
 
 class ActionWindowDataModule(L.LightningDataModule):
+    """Windows of episodes (CALVIN, OXE, RLBench) on disk, checked when built, or generated on first use into a
+    folder named by `generate`."""
+
     sample_kind = "action_window"
 
     def __init__(self, source: str, root: str, name: str | None = None, train_split: str = "training",
@@ -79,6 +89,27 @@ class ActionWindowDataModule(L.LightningDataModule):
         self.generate = dict(generate) if generate else None
         self.splits: dict[str, Dataset] = {}
         self.statistics: dict[str, Any] | None = None
+        # before any work: generated data only into its own folder, a user's folders only read and of the layout
+        if self.generate is not None:
+            check_generated_root(self.root, source, self.generate, GENERATOR_SETTINGS[source])
+        else:
+            self._check_layout()
+
+    def _check_layout(self) -> None:
+        layouts = {"calvin": "a CALVIN dataset: one folder per split (training/, validation/)",
+                   "rlbench": "RLBench demonstrations as {root}/{split}/{task}/",
+                   "oxe": f"an Open X-Embodiment RLDS folder holding {self.name}/<version>/"}
+        require_dir(self.root, "dataset.root", layouts[self.source])
+        if self.source == "oxe":
+            require_dir(self.root / self.name, "dataset.name", f"the RLDS dataset {self.name} in {self.root}")
+            return
+        for key, split in self.split_names.items():
+            if self.source == "rlbench":
+                self._rlbench_tasks(key)
+                continue
+            folder = require_dir(self.root / split, f"dataset.{key}_split={split}",
+                                 f"a CALVIN split folder: episode_*.npz and {LANG_FILE}")
+            require_file(folder / LANG_FILE, f"dataset.{key}_split={split}", "CALVIN's language annotations")
 
     @staticmethod
     def _check_oxe_name(name: str, root: str) -> None:

@@ -18,6 +18,9 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from affordvla.data.checks import require_dir, require_file, unreadable_images
+from affordvla.data.generated import check_generated_root, settings_of
+from affordvla.data.kalie import JSON_NAME, ON_ERROR_CHOICES
 from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie import (
     KalieFormatError,
@@ -84,10 +87,19 @@ class KeypointDataModule(L.LightningDataModule, abc.ABC):
     `splits` in `setup` and define `train_keypoint_mean` (the mean baseline the evaluator scores)."""
 
     sample_kind = "keypoints"
+    format_error: type[ValueError] = ValueError  # raised for a file that breaks the dataset's format
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int, sampler_seed: int,
-                 max_val_samples: int | None, cache_dir: str | None):
+                 max_val_samples: int | None, cache_dir: str | None, validate_images: bool = True,
+                 validate_sample: int | None = None):
         super().__init__()
+        if validate_sample is not None and validate_sample < 1:
+            raise ValueError(f"dataset.validate_sample must be a positive number of images or null (all), got "
+                             f"{validate_sample}")
+        # pre-flight: decode every image (or a seeded sample of them) before training, not at step N
+        self.validate_images = validate_images
+        self.validate_sample = validate_sample
+        self.preflight: dict[str, Any] = {}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -116,8 +128,34 @@ class KeypointDataModule(L.LightningDataModule, abc.ABC):
             cache = KeypointCache(path)
         return lambda entry: cache.get(entry.key)
 
+    def _preflight(self, entries: list, where: Path, on_error: str) -> list:
+        """`entries` (each with `image_path` and `key`) less those whose image does not decode fully: raised as
+        the format's error naming the file and entry, or with on_error="skip" left out and counted."""
+        if not self.validate_images:
+            self.preflight = {"checked": 0, "unreadable": 0}
+            return entries
+        failed, checked = unreadable_images((e.image_path for e in entries), self.validate_sample, self.sampler_seed)
+        self.preflight = {"checked": checked, "unreadable": len(failed), "sampled": self.validate_sample is not None}
+        if not failed:
+            return entries
+        bad = [e for e in entries if str(e.image_path) in failed]
+        if on_error == "raise":
+            first = bad[0]
+            why = failed[str(first.image_path)]
+            raise self.format_error(
+                f"{where}, entry {first.key!r}: image {first.image_path} does not decode ({why})"
+                f"; {len(failed)} unreadable image(s) in all. Replace them, or set dataset.on_error=skip to leave "
+                "their entries out (counted in the run's dataset metadata)")
+        for entry in bad:
+            log.warning("skipped entry %r: image %s does not decode (%s)", entry.key, entry.image_path,
+                        failed[str(entry.image_path)])
+        self.num_skipped += len(bad)
+        self.preflight["skipped_entries"] = len(bad)
+        return [e for e in entries if str(e.image_path) not in failed]
+
     def metadata(self) -> dict[str, Any]:
-        return {"sizes": {s: len(d) for s, d in self.splits.items()}, "skipped": self.num_skipped}
+        return {"sizes": {s: len(d) for s, d in self.splits.items()}, "skipped": self.num_skipped,
+                "preflight": self.preflight}
 
     # --- loaders ------------------------------------------------------------------------------------------
     def _require_collate(self) -> Callable:
@@ -155,7 +193,12 @@ class KeypointDataModule(L.LightningDataModule, abc.ABC):
 
 
 class KalieDataModule(KeypointDataModule):
+    """KALIE's JSON datasets: on disk (checked when built), or generated on first use into a folder named by
+    `generate` (data/toy_kalie.py)."""
+
     points_per_sample = len(KALIE_POINT_NAMES)
+    format_error = KalieFormatError
+
     def __init__(
         self,
         root: str,
@@ -174,8 +217,13 @@ class KalieDataModule(KeypointDataModule):
         cache_dir: str | None = None,
         max_train_samples: int | None = None,
         train_subset_seed: int = 0,
+        validate_images: bool = True,
+        validate_sample: int | None = None,
     ):
-        super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir)
+        super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir,
+                         validate_images, validate_sample)
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"dataset.on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
         if max_train_samples is not None and max_train_samples < 1:
             raise ValueError(f"max_train_samples must be a positive number of originals, got {max_train_samples}")
         # KALIE's "10 vs 50 originals" ablation: a seeded subset of the original training entries; synthetic
@@ -185,6 +233,13 @@ class KalieDataModule(KeypointDataModule):
         self.root = Path(root)
         self.name = name
         self.generate = generate
+        # before any work: generated data only into its own folder, a user's folder only read and of KALIE's layout
+        if generate is not None:
+            check_generated_root(self.root, "kalie", generate, settings_of(ensure_toy_kalie))
+        else:
+            require_dir(self.root, "dataset.root", f"a KALIE dataset folder: imgs/ and {JSON_NAME}")
+            require_file(self.root / JSON_NAME, "dataset.root", f"KALIE's index {JSON_NAME} (KALIE's layout: "
+                         f"imgs/ and {JSON_NAME})")
         self.on_error = on_error
         self.split_seed = split_seed
         self.train_fraction = train_fraction
@@ -203,6 +258,7 @@ class KalieDataModule(KeypointDataModule):
             return
         self.prepare_data()  # idempotent; also covers callers that skip the Trainer
         entries, self.num_skipped = read_kalie_index(self.root, on_error=self.on_error)
+        entries = self._preflight(entries, self.root / JSON_NAME, self.on_error)
         by_key = {e.key: e for e in entries}
         split_file = self.root / SPLITS_FILE
         if split_file.exists():

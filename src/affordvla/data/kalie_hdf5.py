@@ -149,6 +149,11 @@ def hdf5_to_json(data_dir: str | Path, out_root: str | Path, *, on_error: str = 
     KALIE's five tasks: its instruction becomes `other.task` and its object prompts `other.objects`.
     Returns {"entries": written, "skipped": skipped}.
     """
+    out = Path(out_root)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a dataset there would be replaced
+        held = sorted(p.name for p in out.iterdir())[:4] if out.is_dir() else []
+        raise FileExistsError(f"{out} already exists{f' and holds {held}' if held else ' as a file'}: the converted "
+                              "KALIE dataset is written to a new or empty folder only; give another out_dir")
     items: list[tuple[np.ndarray, dict[str, tuple[int, int]], dict]] = []
     skipped = 0
     for task_name, file in collection_files(data_dir):

@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from affordvla.data.checks import require_dir, require_file
 from affordvla.data.datamodule import KeypointDataModule, KeypointDataset
+from affordvla.data.generated import check_generated_root, check_inside, settings_of
 from affordvla.data.kalie import ON_ERROR_CHOICES, kalie_split
 from affordvla.data.robopoint import (
     RoboPointFormatError,
@@ -34,6 +36,7 @@ from affordvla.data.robopoint import (
     read_conversations,
 )
 from affordvla.data.sample import KeypointSample
+from affordvla.data.toy_robopoint import ensure_toy_robopoint
 from affordvla.evaluation.keypoints import POINT_SET
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,8 @@ def load_robopoint_sample(entry: RoboPointEntry) -> KeypointSample:
 class RoboPointDataModule(KeypointDataModule):
     """RoboPoint's pointing turns as KeypointSamples (variable point counts), split 80/20 by image."""
 
+    format_error = RoboPointFormatError
+
     def __init__(
         self,
         json_path: str,
@@ -104,11 +109,24 @@ class RoboPointDataModule(KeypointDataModule):
         cache_dir: str | None = None,
         keep_in_memory: bool = False,
         generate: dict[str, Any] | None = None,
+        validate_images: bool = True,
+        validate_sample: int | None = None,
     ):
-        super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir)
-        if generate is not None and root is None:
-            raise ValueError("generated RoboPoint data needs `root` (its Where2Place folder is written to "
-                             "<root>/where2place)")
+        super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir,
+                         validate_images, validate_sample)
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"dataset.on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
+        # before any work: generated data only into its own folder, a user's files only read and of the layout
+        if generate is not None:
+            if root is None:
+                raise ValueError("generated RoboPoint data needs `root` (its Where2Place folder is written to "
+                                 "<root>/where2place)")
+            check_generated_root(root, "robopoint", generate, settings_of(ensure_toy_robopoint))
+            check_inside(root, json_path, image_dir)
+        else:
+            require_file(json_path, "dataset.json_path", "RoboPoint's LLaVA conversation JSON, e.g. "
+                         "robopoint_1432k.json")
+            require_dir(image_dir, "dataset.image_dir", "the folder the entries' \"image\" paths are relative to")
         # settings of the generated fixture (data/toy_robopoint.py), written on first use; null: data on disk
         self.generate = dict(generate) if generate else None
         # No `root` attribute on purpose: synthesis recipes read KALIE folders from `datamodule.root`.
@@ -125,8 +143,6 @@ class RoboPointDataModule(KeypointDataModule):
 
     def prepare_data(self) -> None:
         if self.generate is not None:
-            from affordvla.data.toy_robopoint import ensure_toy_robopoint
-
             ensure_toy_robopoint(self.json_path, self.image_dir, Path(self.data_root) / "where2place", **self.generate)
 
     def setup(self, stage: str | None = None) -> None:
@@ -134,6 +150,7 @@ class RoboPointDataModule(KeypointDataModule):
             return
         self.prepare_data()  # idempotent; also covers callers that skip the Trainer
         entries, self.left_out, self.num_skipped = read_pointing_index(self.json_path, self.image_dir, self.on_error)
+        entries = self._preflight(entries, self.json_path, self.on_error)
         if not entries:
             raise RoboPointFormatError(f"{self.json_path}: no pointing answers ([(x, y), ...]) among its turns "
                                        f"(left out: {dict(self.left_out)})")

@@ -1,6 +1,7 @@
 """Generate the embedded default dataset: procedural tabletop scenes written in KALIE's JSON format.
 
-The dataset is written once per parameter set (seeded, so identical on every machine) and reused afterwards:
+The dataset is written once per parameter set (seeded, so identical on every machine) and reused afterwards, never
+into a folder holding anything else (`affordvla.locking.write_once` records what it wrote):
 `imgs/entry_i.png` + `data_jsonformat.json` + `data_strformat.json` exactly as KALIE writes them, each object's
 mask in `masks/entry_i_<k>.png` (recorded in `other.masks`), and `splits.json` naming the train/val/test keys.
 """
@@ -18,7 +19,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from affordvla.data.kalie import (
-    KalieFormatError,
     points_to_json_string,
     points_to_str_format,
     to_kalie_int,
@@ -26,10 +26,9 @@ from affordvla.data.kalie import (
 from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.sample import KALIE_POINT_NAMES
 from affordvla.data.tabletop import make_scene
-from affordvla.locking import exclusive
+from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)
-COMPLETE_MARKER = "generation.json"
 SPLITS_FILE = "splits.json"
 
 
@@ -60,20 +59,11 @@ def ensure_toy_kalie(
     if unknown:
         raise ValueError(f"unknown KALIE tasks {unknown}; valid: {sorted(TASKS)}")
     params = _params(seed, splits, image_size, tasks)
-    with exclusive(root):  # parallel jobs of a sweep: the first generates, the others wait and reuse it
-        return _write_unless_complete(root, params, seed, splits, image_size, tasks)
+    write_once(root, "toy_kalie", params, lambda: _write(root, seed, splits, image_size, tasks))
+    return root
 
 
-def _write_unless_complete(root: Path, params: dict, seed: int, splits: dict[str, int], image_size: int,
-                           tasks: list[str]) -> Path:
-    marker = root / COMPLETE_MARKER
-    if marker.exists() and json.loads(marker.read_text()) == params:
-        return root
-    if marker.exists():
-        raise KalieFormatError(
-            f"{root} holds a generated dataset with other parameters ({marker}); choose another "
-            "dataset.root or delete it"
-        )
+def _write(root: Path, seed: int, splits: dict[str, int], image_size: int, tasks: list[str]) -> None:
     (root / "imgs").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     # Each split draws from its own seeded stream, so changing the size of one split leaves the others unchanged.
@@ -105,6 +95,4 @@ def _write_unless_complete(root: Path, params: dict, seed: int, splits: dict[str
     _atomic_write_json(root / "data_jsonformat.json", json_entries)
     _atomic_write_json(root / "data_strformat.json", str_entries)
     _atomic_write_json(root / SPLITS_FILE, split_keys)
-    _atomic_write_json(marker, params)  # last: its presence means the dataset is complete
     log.info("wrote %d generated KALIE entries to %s", total, root)
-    return root

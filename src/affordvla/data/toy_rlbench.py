@@ -7,24 +7,23 @@ task's coloured goal marker and a marker whose position and size follow the firs
 gripper is closed). Episodes are written as PerAct's fork writes them:
     {root}/{split}/{task}/all_variations/episodes/episode{M}/front_rgb/{i}.png + low_dim_obs.pkl
                                                            + variation_descriptions.pkl + variation_number.pkl
-Each task is written on its own: `.toy_rlbench/{task}.json` in the root is written last and marks that task
-complete, so configs naming other task lists share one root and add only the tasks it lacks.
+Each task is written on its own, a part of the generator's record (`affordvla.locking.write_once`), so configs
+naming other task lists share one root and add only the tasks it lacks; a root holding anything the generator did
+not write is never written to.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from affordvla.data.rlbench import RLBenchFormatError, write_episode
-from affordvla.locking import exclusive
+from affordvla.data.rlbench import write_episode
+from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)
-MARKERS = ".toy_rlbench"
 GENERATOR = "affordvla.toy_rlbench/1"
 JOINTS = 7
 GAIN = 0.25  # joint velocity = GAIN x (goal - position), per step
@@ -74,33 +73,25 @@ def write_toy_rlbench(root: str | Path, tasks: list[str], *, splits: dict[str, i
     if not tasks:
         raise ValueError("toy RLBench data needs the task names to write (dataset.tasks)")
     splits = dict(splits or {"train": 4, "val": 2})
-    with exclusive(root):  # parallel jobs: the first writes the episodes, the others wait and reuse them
-        _write_tasks(root, tasks, splits, seed, episode_length, image_size)
+    for task in tasks:
+        params = {"generator": GENERATOR, "task": task, "splits": splits, "seed": seed,
+                  "episode_length": episode_length, "image_size": image_size}
+        write_once(root, f"rlbench task {task}", params,
+                   lambda task=task: _write_task(root, task, splits, seed, episode_length, image_size))
     log.info("toy RLBench episodes for %s are in %s", tasks, root)
     return root
 
 
-def _write_tasks(root: Path, tasks: list[str], splits: dict[str, int], seed: int, episode_length: int,
-                 image_size: int) -> None:
-    for task in tasks:
-        params = {"generator": GENERATOR, "task": task, "splits": splits, "seed": seed,
-                  "episode_length": episode_length, "image_size": image_size}
-        marker = root / MARKERS / f"{task}.json"
-        if marker.is_file():
-            if json.loads(marker.read_text()) == params:
-                continue
-            raise RLBenchFormatError(f"{root} holds generated RLBench data for {task} with other parameters "
-                                     f"({marker}); choose another dataset.root or delete it")
-        task_rng = _task_rng(seed, task)
-        goal = task_rng.uniform(-1.0, 1.0, JOINTS)  # one goal configuration per task: its "skill"
-        colour = task_rng.integers(30, 230, 3).astype(np.uint8)
-        description = task.replace("_", " ")
-        for split, count in splits.items():
-            rng = _task_rng(seed, task, split)
-            for m in range(count):
-                observations, frames = toy_episode(rng, goal, colour, episode_length, image_size)
-                folder = root / split / task / "all_variations" / "episodes" / f"episode{m}"
-                write_episode(folder, observations, images={"front_rgb": frames}, descriptions=[description],
-                              variation_number=0)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(params, indent=2))  # last: a half-written task is never reused
+def _write_task(root: Path, task: str, splits: dict[str, int], seed: int, episode_length: int,
+                image_size: int) -> None:
+    task_rng = _task_rng(seed, task)
+    goal = task_rng.uniform(-1.0, 1.0, JOINTS)  # one goal configuration per task: its "skill"
+    colour = task_rng.integers(30, 230, 3).astype(np.uint8)
+    description = task.replace("_", " ")
+    for split, count in splits.items():
+        rng = _task_rng(seed, task, split)
+        for m in range(count):
+            observations, frames = toy_episode(rng, goal, colour, episode_length, image_size)
+            folder = root / split / task / "all_variations" / "episodes" / f"episode{m}"
+            write_episode(folder, observations, images={"front_rgb": frames}, descriptions=[description],
+                          variation_number=0)

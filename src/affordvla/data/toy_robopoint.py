@@ -11,8 +11,8 @@ Every question names objects of the scene and asks for points in a region of it:
 Answers are 1-5 points drawn uniformly from the region, written as RoboPoint writes them (3 decimals, x right,
 y down); Where2Place masks are the regions themselves.
 
-Layout (written once per parameter set, reused afterwards; `toy_robopoint.json` beside the conversation file is
-written last and marks it complete):
+Layout, all in the conversation file's folder (written once per parameter set and reused afterwards, never into a
+folder holding anything else: `affordvla.locking.write_once` records what it wrote):
     <json_path>                 the conversation file (the config's dataset.json_path)
     <image_dir>/scene_NNNNN.png the training images (dataset.image_dir)
     <where2place_dir>/          images/NN.jpg, masks/NN.jpg, point_questions.jsonl
@@ -20,7 +20,6 @@ written last and marks it complete):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -29,19 +28,18 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from affordvla.data.generated import check_inside
 from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.robopoint import (
     ROBOPOINT_ANSWER_SUFFIX,
-    RoboPointFormatError,
     point_entry,
     write_conversations,
     write_where2place,
 )
 from affordvla.data.tabletop import make_scene
-from affordvla.locking import exclusive
+from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)
-MARKER = "toy_robopoint.json"
 GENERATOR = "affordvla.toy_robopoint/1"
 SIDES = {"left": (-1, 0), "right": (1, 0), "above": (0, -1), "below": (0, 1)}
 REACH = 0.35  # free space "next to" an object: within this normalised distance of its centre
@@ -124,23 +122,19 @@ def ensure_toy_robopoint(json_path: str | Path, image_dir: str | Path, where2pla
         raise ValueError(f"Where2Place names its images with two digits: at most 100 questions, got {where2place}")
     # folders relative to the dataset root, so the same data reached through another path is still recognised
     params = {"generator": GENERATOR, "seed": seed, "image_size": image_size, "images": images,
-              "where2place": where2place, "unseen_fraction": unseen_fraction,
+              "where2place": where2place, "unseen_fraction": unseen_fraction, "json_name": json_path.name,
               "image_dir": os.path.relpath(image_dir.resolve(), json_path.parent.resolve()),
               "where2place_dir": os.path.relpath(where2place_dir.resolve(), json_path.parent.resolve())}
-    with exclusive(json_path.parent):  # parallel jobs: the first writes the fixture, the others wait and reuse it
-        _write_unless_complete(json_path, image_dir, where2place_dir, params, seed, image_size, images, where2place,
-                               unseen_fraction)
+    # one folder holds it all: the generator writes nowhere it cannot record
+    check_inside(json_path.parent, image_dir, where2place_dir)
+    write_once(json_path.parent, "toy_robopoint", params,
+               lambda: _write(json_path, image_dir, where2place_dir, seed, image_size, images, where2place,
+                              unseen_fraction))
     return json_path
 
 
-def _write_unless_complete(json_path: Path, image_dir: Path, where2place_dir: Path, params: dict, seed: int,
-                           image_size: int, images: int, where2place: int, unseen_fraction: float) -> None:
-    marker = json_path.parent / MARKER
-    if marker.is_file():
-        if json.loads(marker.read_text()) == params:
-            return
-        raise RoboPointFormatError(f"{json_path.parent} holds generated RoboPoint data with other parameters "
-                                   f"({marker}); choose another dataset.root or delete it")
+def _write(json_path: Path, image_dir: Path, where2place_dir: Path, seed: int, image_size: int, images: int,
+           where2place: int, unseen_fraction: float) -> None:
     tasks = list(TASKS)
     rng = np.random.default_rng([seed, 0])
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +167,5 @@ def _write_unless_complete(json_path: Path, image_dir: Path, where2place_dir: Pa
             items.append((scene.image, region.astype(np.uint8) * 255, f"{question} {ROBOPOINT_ANSWER_SUFFIX}",
                           "unseen" if unseen else "seen"))
     write_where2place(where2place_dir, items)
-    marker.write_text(json.dumps(params, indent=2))  # last: a half-written fixture is never reused
     log.info("wrote toy RoboPoint data (%d pointing turns) to %s and Where2Place to %s", len(entries), json_path,
              where2place_dir)

@@ -70,7 +70,15 @@ class KeypointTextHead(nn.Module):
 
     def match_point_count(self, count: int | None) -> None:
         """On fixed-count data (KALIE: 5 points) a variable-count codec (RoboPoint's tuple lists) writes and
-        reads exactly `count` points, so every answer is scored point by point and decoding stops there."""
+        reads exactly `count` points, so every answer is scored point by point and decoding stops there. A fixed-count
+        codec (PaliGemma's <loc> tokens, KALIE's JSON: one entry per point name) cannot write other data's answers:
+        refused here, at setup, rather than by the first batch the loader collates."""
+        names = list(self.codec.point_names)
+        if self.codec.fixed_count and count != len(names):
+            points = "a varying number of points per answer" if count is None else f"{count} points per answer"
+            raise ValueError(f"head.codec={self.codec.name} writes exactly {len(names)} points ({', '.join(names)}), "
+                             f"but the dataset has {points}: use head.codec=robopoint, which writes any number of "
+                             "points")
         if count is not None and not self.codec.fixed_count and getattr(self.codec, "num_points", None) is None:
             self.codec.num_points = count
             self._constraint = None
