@@ -21,7 +21,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
-from affordvla.weight_files import WeightFileError, check_keys_match, safetensors_header, safetensors_keys
+from affordvla.weight_files import WeightFileError, check_keys_match, safetensors_header, safetensors_shapes
 
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "training_state.pt"
@@ -84,7 +84,8 @@ def check_checkpoint_matches(path: str | Path, module: torch.nn.Module, option: 
     of another backbone family or head fails here with the key counts, not inside Lightning's strict load."""
     weights = Path(path) / WEIGHTS_NAME
     try:
-        check_keys_match(safetensors_keys(weights), module.state_dict().keys(), weights,
+        expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+        check_keys_match(safetensors_shapes(weights), expected, weights,
                          f"the weights of {type(module).__name__} on a "
                          f"{getattr(getattr(module, 'backbone', None), 'family', '?')} backbone as this config builds it")
     except WeightFileError as exc:

@@ -27,9 +27,10 @@ SHOWN_OPTIONS = 12
 
 
 def check_run_config(cfg: DictConfig) -> None:
-    """Everything `affordvla-train` can check before it starts working; raises on the first problem."""
-    check_options(cfg)
+    """Everything `affordvla-train` can check before it starts working; raises on the first problem. Paths first:
+    they need no import of the components' modules, so a mistyped path fails in milliseconds."""
     check_model_paths(cfg)
+    check_options(cfg)
 
 
 def _targets(node: Any, prefix: str) -> Iterator[tuple[str, DictConfig]]:

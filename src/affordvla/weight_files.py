@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +52,17 @@ def safetensors_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
-def safetensors_keys(path: str | Path) -> list[str]:
-    """The state-dict keys a file written by `checkpointing.save_state_dict` (or any safetensors file) holds:
-    its tensors plus the aliases of tied tensors stored once."""
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys a file written by `checkpointing.save_state_dict` (or any safetensors file) holds,
+    with their shapes: its tensors plus the aliases of tied tensors stored once."""
     header = safetensors_header(path)
     metadata = header.get("__metadata__") or {}
-    keys = [key for key in header if key != "__metadata__"]
+    shapes = {key: tuple(entry.get("shape", ())) for key, entry in header.items() if key != "__metadata__"}
     try:
         aliases = json.loads(metadata.get("aliases", "{}"))
     except json.JSONDecodeError:
         raise WeightFileError(f"{path} is corrupt: its alias table is not valid JSON") from None
-    return keys + [key for key in aliases if key not in header]
+    return shapes | {key: shapes[original] for key, original in aliases.items() if original in shapes}
 
 
 def check_weight_directory(directory: str | Path) -> list[Path]:
@@ -84,19 +84,24 @@ def check_weight_directory(directory: str | Path) -> list[Path]:
     return files
 
 
-def check_keys_match(found: Iterable[str], expected: Iterable[str], source: str | Path, wanted: str) -> None:
-    """Refuse weights whose keys are not the expected ones, with the counts (a checkpoint of another backbone
-    family shares almost no key with this model) and a few of the differing names."""
-    found, expected = set(found), set(expected)
+def check_keys_match(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                     source: str | Path, wanted: str) -> None:
+    """Refuse weights whose keys or shapes are not the expected ones, with the counts (a checkpoint of another
+    backbone family matches few of this model's tensors) and a few of the differing names."""
+    found = {key: tuple(shape) for key, shape in found.items()}
+    expected = {key: tuple(shape) for key, shape in expected.items()}
     if found == expected:
         return
-    matched = len(found & expected)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    matched = sum(found.get(key) == shape for key, shape in expected.items())
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    resized = sorted(key for key in expected.keys() & found.keys() if found[key] != expected[key])
     details = []
     if missing:
         details.append(f"{len(missing)} missing (e.g. {', '.join(missing[:SHOWN_KEYS])})")
     if unexpected:
         details.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:SHOWN_KEYS])})")
-    kind = "the weights of another model" if matched < len(expected) / 2 else "weights that do not match"
-    raise WeightFileError(f"{source} holds {kind}: {matched} of {len(expected)} expected keys match; "
-                          f"{'; '.join(details)}. Expected {wanted}")
+    if resized:
+        details.append(f"{len(resized)} of another shape (e.g. {resized[0]} is {found[resized[0]]} in the file, "
+                       f"{expected[resized[0]]} in the model)")
+    raise WeightFileError(f"{source} holds the weights of another model: {matched} of {len(expected)} expected "
+                          f"tensors match; {'; '.join(details)}. Expected {wanted}")
