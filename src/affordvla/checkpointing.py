@@ -85,9 +85,9 @@ def check_checkpoint_matches(path: str | Path, module: torch.nn.Module, option: 
     weights = Path(path) / WEIGHTS_NAME
     try:
         expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+        family = getattr(getattr(module, "backbone", None), "family", "?")
         check_keys_match(safetensors_shapes(weights), expected, weights,
-                         f"the weights of {type(module).__name__} on a "
-                         f"{getattr(getattr(module, 'backbone', None), 'family', '?')} backbone as this config builds it")
+                         f"the weights of {type(module).__name__} on a {family} backbone as this config builds it")
     except WeightFileError as exc:
         raise WeightFileError(f"{option}={path}: {exc}") from None
 

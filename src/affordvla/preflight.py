@@ -15,6 +15,7 @@ from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from affordvla.backbones.factory import check_backbone_paths, load_backbone
 from affordvla.checkpointing import check_checkpoint_dir
@@ -29,8 +30,12 @@ SHOWN_OPTIONS = 12
 def check_run_config(cfg: DictConfig) -> None:
     """Everything `affordvla-train` can check before it starts working; raises on the first problem. Paths first:
     they need no import of the components' modules, so a mistyped path fails in milliseconds."""
-    check_model_paths(cfg)
-    check_options(cfg)
+    try:
+        check_model_paths(cfg)
+        check_options(cfg)
+    except MissingMandatoryValue as exc:  # OmegaConf's message spans three lines and says nothing of the fix
+        raise ValueError(f"{exc.full_key} must be given: the config leaves it ??? (add {exc.full_key}=<value> to "
+                         "the command)") from None
 
 
 def _targets(node: Any, prefix: str) -> Iterator[tuple[str, DictConfig]]:

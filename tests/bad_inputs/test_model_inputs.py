@@ -185,3 +185,9 @@ def test_unknown_backbone_family(workspace, smoke_paligemma):
     result = workspace.run("affordvla-train", "backbone=paligemma", f"backbone.pretrained={model}",
                            "backbone.family=paligema")
     assert_clear_failure(workspace, result, "backbone.family='paligema'", "did you mean 'paligemma'")
+
+
+def test_real_backbone_without_its_checkpoint(workspace):
+    """backbone=paligemma names no checkpoint (`???`): the option to add is named, in one line."""
+    result = workspace.run("affordvla-train", "backbone=paligemma")
+    assert_clear_failure(workspace, result, "backbone.pretrained must be given", "backbone.pretrained=<value>")

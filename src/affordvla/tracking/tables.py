@@ -8,9 +8,9 @@ with the published numbers). For every row, the newest finished run tagged `expe
 `scale=<scale>` gives the measured values. A run whose `config_hash` tag differs from the hash of the cell as
 composed now is marked stale; a row without a run is marked missing. `--run-missing` trains the missing cells
 first (`affordvla-train experiment=<cell> ...`); the command then exits with status 1 if any cell it trained
-failed, even when others succeeded (the table is written all the same, those cells marked failed). Writes table.md, table.csv, table.json and table.png into --out
-(default outputs/tables/<table>/) and, with --log, logs them as MLflow run `table-<table>` in experiment
-`affordvla-tables`.
+failed, even when others succeeded (the table is written all the same, those cells marked failed). Writes
+table.md, table.csv, table.json and table.png into --out (default outputs/tables/<table>/) and, with --log, logs
+them as MLflow run `table-<table>` in experiment `affordvla-tables`.
 """
 
 from __future__ import annotations
