@@ -191,3 +191,19 @@ def test_real_backbone_without_its_checkpoint(workspace):
     """backbone=paligemma names no checkpoint (`???`): the option to add is named, in one line."""
     result = workspace.run("affordvla-train", "backbone=paligemma")
     assert_clear_failure(workspace, result, "backbone.pretrained must be given", "backbone.pretrained=<value>")
+
+
+def test_pretrained_holding_the_weights_of_another_family(workspace, smoke_paligemma):
+    """A PaliGemma folder whose model.safetensors was overwritten with a LLaVA's: refused, naming the folder,
+    instead of loading with tensors initialised at random."""
+    from affordvla.backbones.llava.tiny import write_tiny_llava
+
+    model = _user_copy(workspace, smoke_paligemma, "paligemma")
+    llava = write_tiny_llava(workspace.project / "llava", **SMOKE_BACKBONE)
+    shutil.copy(llava / "model.safetensors", model / "model.safetensors")
+    shutil.rmtree(llava)
+    workspace.watch(model)
+    result = workspace.run("affordvla-train", "backbone=paligemma", f"backbone.pretrained={model}", "logger=none",
+                           "debug=smoke")
+    assert_clear_failure(workspace, result, str(model))
+    assert "do not load into the paligemma model" in result.stderr or "does not match the PaliGemma" in result.stderr

@@ -118,7 +118,14 @@ def load_backbone(family: str, pretrained: str, build: Callable[[Path], Path] | 
                 build(path)
     if lora is not None and adapter is not None:
         raise ValueError("give either backbone.lora (train new adapters) or backbone.adapter (load trained ones)")
-    backbone = FAMILIES[family].from_pretrained(path, dtype=dtype, **quantization_kwargs(quantization), **kwargs)
+    try:
+        backbone = FAMILIES[family].from_pretrained(path, dtype=dtype, **quantization_kwargs(quantization), **kwargs)
+    except RuntimeError as exc:  # transformers' reports (tensor shapes that do not fit) name no file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = "tensor shapes differ from the model's; the report above lists them" if "mismatched" in first \
+            else first
+        raise BackboneLoadError(f"backbone.pretrained={path}: its weights do not load into the {family} model its "
+                                f"config.json describes ({reason})") from exc
     if adapter is not None:
         load_adapter(backbone, adapter)
     if lora is not None:
