@@ -94,7 +94,8 @@ def check_model_paths(cfg: DictConfig) -> None:
     if backbone is not None and get_object(str(backbone.get("_target_", ""))) is load_backbone:
         check_backbone_paths(backbone.family, str(backbone.pretrained), build=backbone.get("build"),
                              build_root=backbone.get("build_root"), adapter=backbone.get("adapter"),
-                             vision_tower=backbone.get("vision_tower"), tokenizer=backbone.get("tokenizer"))
+                             vision_tower=backbone.get("vision_tower"), tokenizer=backbone.get("tokenizer"),
+                             lora=backbone.get("lora"))
     if cfg.get("ckpt_path"):
         check_checkpoint_dir(cfg.ckpt_path, "ckpt_path")
     if cfg.get("export_dir") and cfg.get("train", True):

@@ -43,10 +43,12 @@ def _buildable(path: Path, build: object, build_root: str | Path | None) -> bool
 
 def check_backbone_paths(family: str, pretrained: str, build: object = None, build_root: str | Path | None = None,
                          adapter: str | None = None, vision_tower: str | None = None, tokenizer: str | None = None,
-                         option: str = "backbone") -> None:
+                         lora: object = None, option: str = "backbone") -> None:
     """Every path of a backbone config checked before anything is built or loaded: the checkpoint directory
     (config.json, weight files whose headers are intact), the adapter, the vision tower, the tokenizer. Reads a
     few kilobytes, so `affordvla-train` runs it before any data or model work; errors name the option."""
+    if lora is not None and adapter is not None:
+        raise ValueError(f"give either {option}.lora (train new adapters) or {option}.adapter (load trained ones)")
     if family not in FAMILIES:
         raise ValueError(f"{option}.family={family!r} is not a backbone family{_suggest(family, FAMILIES)}; "
                          f"valid: {sorted(FAMILIES)}")
@@ -109,15 +111,13 @@ def load_backbone(family: str, pretrained: str, build: Callable[[Path], Path] | 
     "8bit") loads the weights through bitsandbytes on a GPU. `keypoint_codec` names the family's own answer format
     for points (the keypoint-text head's default codec); it is configuration, not something the weights hold."""
     check_backbone_paths(family, pretrained, build, build_root, adapter, kwargs.get("vision_tower"),
-                         kwargs.get("tokenizer"))
+                         kwargs.get("tokenizer"), lora)
     path = Path(pretrained)
     if not (path / "config.json").exists():
         with exclusive(path):  # parallel jobs of a sweep: one builds, the others wait and load its result
             if not (path / "config.json").exists():
                 log.info("building offline %s checkpoint at %s", family, path)
                 build(path)
-    if lora is not None and adapter is not None:
-        raise ValueError("give either backbone.lora (train new adapters) or backbone.adapter (load trained ones)")
     try:
         backbone = FAMILIES[family].from_pretrained(path, dtype=dtype, **quantization_kwargs(quantization), **kwargs)
     except RuntimeError as exc:  # transformers' reports (tensor shapes that do not fit) name no file
