@@ -246,3 +246,21 @@ def test_run_missing_trains_the_cell_and_its_hash_matches(tmp_path, capsys):
     _, (changed,), _ = tables.build_table(folder, scale="smoke", tracking_uri=uri, out=tmp_path / "out",
                                          extra_overrides=[f"paths.root_dir={tmp_path}", "seed=7"])
     assert changed.status == "stale" and changed.run_id == cell.run_id
+
+
+def test_run_missing_exits_1_when_any_cell_it_trained_failed(tmp_path, store, capsys, monkeypatch):
+    """--run-missing --rerun-stale trains gpt (missing) and mlp (stale); gpt's training fails, mlp's succeeds: the
+    table is written with gpt marked failed, and the command exits 1 (a failed cell is a failure, not a mark)."""
+    uri, _, _ = store
+    trained = []
+
+    def run_cell(row, overrides, tracking_uri, log_file, index):
+        trained.append(row.name)
+        return row.name != "gpt"
+
+    monkeypatch.setattr(tables, "run_cell", run_cell)
+    args = [str(_write_spec(tmp_path / "t", SPEC)), "--tracking-uri", uri, "--out", str(tmp_path / "out")]
+    assert tables.main(args + ["--run-missing", "--rerun-stale"]) == 1
+    assert sorted(trained) == ["gpt", "mlp"]
+    assert "1 cell(s) failed to train: ['gpt']" in capsys.readouterr().err
+    assert "FAILED" in (tmp_path / "out" / "table.md").read_text()

@@ -21,8 +21,11 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
+from affordvla.weight_files import WeightFileError, check_keys_match, safetensors_header, safetensors_shapes
+
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "training_state.pt"
+PARTIAL_SUFFIX = ".partial"
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -41,10 +44,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> No
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    metadata = safetensors_header(path).get("__metadata__") or {}  # names the file if truncated or corrupt
     tensors = load_file(str(path))
     for key, original in json.loads(metadata.get("aliases", "{}")).items():
         tensors[key] = tensors[original]
@@ -52,10 +52,70 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {key: tensors[key] for key in order}
 
 
+def check_checkpoint_dir(path: str | Path, option: str = "ckpt_path") -> Path:
+    """A checkpoint directory as `SafetensorsCheckpointIO` writes it, checked without reading its tensors: the
+    error names the option and the path and says what is wrong (missing, a file, a partial save, incomplete,
+    corrupt weights)."""
+    path = Path(path)
+    expected = f"a checkpoint directory written by affordvla-train (<run>/checkpoints/step_NNNNNN with " \
+               f"{WEIGHTS_NAME} and {STATE_NAME})"
+    if path.name.endswith(PARTIAL_SUFFIX):
+        complete = sorted(p.name for p in path.parent.glob("step_*") if not p.name.endswith(PARTIAL_SUFFIX))
+        latest = f"; the latest complete one there is {path.parent / complete[-1]}" if complete else ""
+        raise ValueError(f"{option}={path} is a partial checkpoint: the run stopped while writing it, so it is "
+                         f"incomplete{latest}")
+    if not path.exists():
+        raise FileNotFoundError(f"{option}={path} does not exist; expected {expected}")
+    if not path.is_dir():
+        raise ValueError(f"{option}={path} is a file; expected {expected}")
+    absent = [name for name in (WEIGHTS_NAME, STATE_NAME) if not (path / name).is_file()]
+    if absent:
+        raise ValueError(f"{option}={path} is not a complete checkpoint: {' and '.join(absent)} missing; "
+                         f"expected {expected}")
+    try:
+        safetensors_header(path / WEIGHTS_NAME)
+    except WeightFileError as exc:
+        raise WeightFileError(f"{option}={path}: {exc}") from None
+    return path
+
+
+def check_checkpoint_matches(path: str | Path, module: torch.nn.Module, option: str = "ckpt_path") -> None:
+    """The checkpoint holds this module's weights (key for key), read from the file's header only: a checkpoint
+    of another backbone family or head fails here with the key counts, not inside Lightning's strict load."""
+    weights = Path(path) / WEIGHTS_NAME
+    try:
+        expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+        family = getattr(getattr(module, "backbone", None), "family", "?")
+        check_keys_match(safetensors_shapes(weights), expected, weights,
+                         f"the weights of {type(module).__name__} on a {family} backbone as this config builds it")
+    except WeightFileError as exc:
+        raise WeightFileError(f"{option}={path}: {exc}") from None
+
+
+def read_checkpoint(path: str | Path, map_location=None, option: str = "ckpt_path") -> dict[str, Any]:
+    """Load a checkpoint directory (training state and weights), with errors that name the file."""
+    path = check_checkpoint_dir(path, option)
+    try:
+        checkpoint = torch.load(path / STATE_NAME, map_location=map_location or "cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, or a pickle with objects weights_only refuses
+        raise WeightFileError(f"{option}={path}: {path / STATE_NAME} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); the file is corrupt or was not "
+                              "written by affordvla-train") from None
+    checkpoint["state_dict"] = load_state_dict(path / WEIGHTS_NAME)
+    return checkpoint
+
+
 class SafetensorsCheckpointIO(CheckpointIO):
+    """Checkpoint folders of safetensors weights and a tensors-only training state. Given the module, a checkpoint
+    is checked to hold its weights (key for key) before Lightning's strict load would fail on it."""
+
+    def __init__(self, module: torch.nn.Module | None = None):
+        super().__init__()
+        self.module = module
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(path.name + PARTIAL_SUFFIX)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
@@ -66,12 +126,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
         os.replace(tmp, path)  # a crash mid-save never leaves a half-written checkpoint under the real name
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        path = Path(path)
-        if not (path / WEIGHTS_NAME).is_file() or not (path / STATE_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not an affordvla checkpoint (needs {WEIGHTS_NAME} and {STATE_NAME})")
-        checkpoint = torch.load(path / STATE_NAME, map_location=map_location or "cpu", weights_only=True)
-        checkpoint["state_dict"] = load_state_dict(path / WEIGHTS_NAME)
-        return checkpoint
+        if self.module is not None:
+            check_checkpoint_matches(path, self.module)
+        return read_checkpoint(path, map_location)
 
     def remove_checkpoint(self, path) -> None:
         shutil.rmtree(path, ignore_errors=True)

@@ -16,10 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
-from affordvla.backbones.finetuning import export_backbone
 from affordvla.callbacks import StopAfterSteps, log_artifact
 from affordvla.checkpointing import SafetensorsCheckpointIO
 from affordvla.cli import failures_reported
@@ -29,7 +28,8 @@ from affordvla.distributed import (
     module_for_export,
     wants_backbone,
 )
-from affordvla.policy_module import ActionPolicyModule
+from affordvla.export import build_module, write_export
+from affordvla.preflight import check_run_config
 from affordvla.synthesis.pipeline import apply_synthesis
 from affordvla.tracking.run_record import (
     config_hash,
@@ -70,6 +70,7 @@ def sweep_tags(overrides: list[str]) -> dict[str, str]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns every logged metric."""
     started = time.perf_counter()
+    check_run_config(cfg)  # options and model paths: seconds, before any data or backbone work
     cfg_hash = config_hash(cfg)  # of the unresolved config: `${paths...}` stays symbolic, machine independent
     L.seed_everything(cfg.seed, workers=True)
     choices, overrides, output_dir = _hydra_runtime()
@@ -95,7 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[SafetensorsCheckpointIO()], **_strategy(cfg, backbone))
+                                     plugins=[SafetensorsCheckpointIO(module)], **_strategy(cfg, backbone))
     check_launch_under_hydra(trainer, HydraConfig.get().mode)
     check_resumable(trainer, cfg.get("ckpt_path"))
     # Under DDP every rank runs this function (Lightning re-executes the command for ranks > 0, or SLURM starts
@@ -124,17 +125,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("export_dir") and cfg.train and not trainer.fast_dev_run:
         # every rank enters: under FSDP the full weights are gathered (a collective) into a module on rank 0
-        with module_for_export(trainer, module, lambda: _build_module(cfg, datamodule.metadata())) as trained:
+        with module_for_export(trainer, module, lambda: build_module(cfg, datamodule.metadata())) as trained:
             if trained is not None:
-                export_backbone(trained.backbone, cfg.export_dir, merge=True)
-                if isinstance(trained, ActionPolicyModule):  # its head is rebuilt from config: record that
-                    trained.export_policy(cfg.export_dir, build={
-                        "head": OmegaConf.to_container(cfg.head, resolve=True),
-                        "prefix_lm": cfg.backbone.get("prefix_lm")})
-                elif hasattr(trained, "export_policy"):  # the keypoint regression head records its own settings
-                    trained.export_policy(cfg.export_dir)
-                Path(cfg.export_dir, "dataset_metadata.json").write_text(
-                    json.dumps(datamodule.metadata(), indent=2))
+                write_export(trained, cfg, cfg.export_dir, datamodule.metadata(),
+                             source={"run_dir": str(output_dir), "step": trainer.global_step})
     if rank_zero:
         metrics_file = output_dir / "metrics.json"
         metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -155,15 +149,6 @@ def _strategy(cfg: DictConfig, backbone) -> dict[str, Any]:
     if not isinstance(spec, DictConfig) or "_target_" not in spec or not wants_backbone(get_method(spec._target_)):
         return {}
     return {"strategy": instantiate(spec, backbone=backbone)}
-
-
-def _build_module(cfg: DictConfig, metadata: dict[str, Any]):
-    """A fresh module as the config and the dataset describe it: the container FSDP's gathered weights are
-    loaded into for the export (a policy module sizes its head from the dataset's metadata)."""
-    module = instantiate(cfg.module, backbone=instantiate(cfg.backbone), head=instantiate(cfg.head))
-    if hasattr(module, "configure_from_metadata"):
-        module.configure_from_metadata(metadata)
-    return module
 
 
 def _check_pairing(cfg: DictConfig, datamodule) -> None:

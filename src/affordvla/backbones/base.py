@@ -82,6 +82,19 @@ def read_checkpoint_config(path: str | Path, expected_model_type: str) -> dict:
     return config
 
 
+def check_loading_info(info: dict, weights: str | Path, layout: str) -> None:
+    """transformers' `output_loading_info` of a load: weights of another family or a damaged checkpoint leave
+    keys missing (initialised at random, with only a log line) or unexpected. Raise instead, naming the file with
+    the counts and a few names of each kind."""
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys")}
+    problems["mismatched_keys"] = sorted(f"{name} is {tuple(in_file)} in the file, {tuple(in_model)} in the model"
+                                         for name, in_file, in_model in info.get("mismatched_keys") or [])
+    if any(problems.values()):
+        details = "; ".join(f"{kind.replace('_', ' ')}: {len(keys)} ({', '.join(keys[:4])}"
+                            f"{', ...' if len(keys) > 4 else ''})" for kind, keys in problems.items() if keys)
+        raise BackboneLoadError(f"{weights} does not match the {layout}: {details}")
+
+
 class VLMBackbone(nn.Module, abc.ABC):
     family: ClassVar[str]
     # Prefixes of parameter names per part, for per-part learning rates and freezing.

@@ -7,9 +7,10 @@
 with the published numbers). For every row, the newest finished run tagged `experiment=<cell>` and
 `scale=<scale>` gives the measured values. A run whose `config_hash` tag differs from the hash of the cell as
 composed now is marked stale; a row without a run is marked missing. `--run-missing` trains the missing cells
-first (`affordvla-train experiment=<cell> ...`). Writes table.md, table.csv, table.json and table.png into --out
-(default outputs/tables/<table>/) and, with --log, logs them as MLflow run `table-<table>` in experiment
-`affordvla-tables`.
+first (`affordvla-train experiment=<cell> ...`); the command then exits with status 1 if any cell it trained
+failed, even when others succeeded (the table is written all the same, those cells marked failed). Writes
+table.md, table.csv, table.json and table.png into --out (default outputs/tables/<table>/) and, with --log, logs
+them as MLflow run `table-<table>` in experiment `affordvla-tables`.
 """
 
 from __future__ import annotations
@@ -504,13 +505,14 @@ def _project_root() -> str:
 @console_command("affordvla-table")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="affordvla-table", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", help="experiment folder holding table.yaml (e.g. experiments/kalie_table1)")
+    parser.add_argument("folder", help="experiment folder holding table.yaml (e.g. experiments/kalie_ablations)")
     parser.add_argument("--scale", default="full", help="'full' (default) or a smoke scale such as 'smoke': which "
                         "runs to collect (tag scale) and, at a smoke scale, the table's smoke_overrides")
     parser.add_argument("--tracking-uri", help="MLflow store (default $AFFORDVLA_MLFLOW_URI or "
                         "sqlite:///outputs/mlflow.db)")
     parser.add_argument("--out", help="output folder (default outputs/tables/<table>/)")
-    parser.add_argument("--run-missing", action="store_true", help="train the cells that have no run first")
+    parser.add_argument("--run-missing", action="store_true", help="train the cells that have no run first; "
+                        "exit status 1 if any of them failed")
     parser.add_argument("--rerun-stale", action="store_true", help="with --run-missing: also re-train stale cells")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for every cell (also part of the config hash), repeatable")
@@ -531,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     if incomplete:
         print(f"affordvla-table: {len(incomplete)} of {len(cells)} cells not up to date: {incomplete}",
               file=sys.stderr)
+    failed = [c.row.name for c in cells if c.status == FAILED]
+    if failed:  # a training that failed is a failure of this command, whatever the other cells did
+        print(f"affordvla-table: error: {len(failed)} cell(s) failed to train: {failed}; their logs are under "
+              f"{files['markdown'].parent / 'logs'}", file=sys.stderr)
+        return 1
     return 1 if (args.strict and incomplete) else 0
 
 

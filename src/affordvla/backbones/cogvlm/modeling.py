@@ -39,6 +39,7 @@ from transformers.modeling_outputs import (
 from affordvla.backbones.base import (
     BackboneLoadError,
     VLMBackbone,
+    check_loading_info,
     pack_prompts_and_answers,
     read_checkpoint_config,
 )
@@ -547,13 +548,7 @@ class CogVLMBackbone(VLMBackbone):
         # mismatches are reported below with the other problems, naming the file, rather than raised deep inside
         model, info = CogVLMForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True,
                                                         ignore_mismatched_sizes=True, **kwargs)
-        problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys")}
-        problems["mismatched_keys"] = sorted(f"{name} is {tuple(in_file)} in the file, {tuple(in_model)} in the model"
-                                             for name, in_file, in_model in info.get("mismatched_keys") or [])
-        if any(problems.values()):
-            details = "; ".join(f"{kind.replace('_', ' ')}: {len(keys)} ({', '.join(keys[:4])}"
-                                f"{', ...' if len(keys) > 4 else ''})" for kind, keys in problems.items() if keys)
-            raise BackboneLoadError(f"{weights} does not match the CogVLM layout of {path / 'config.json'}: {details}")
+        check_loading_info(info, weights, f"CogVLM layout of {path / 'config.json'}")
         processor = CogVLMProcessor.from_pretrained(path, config, tokenizer)
         return cls(model.eval(), processor, str(path), template_version=template_version)
 

@@ -22,6 +22,7 @@ from affordvla.backbones.base import (
     TRANSFORMERS_VLM_LORA_TARGETS,
     TRANSFORMERS_VLM_PARTS,
     VLMBackbone,
+    check_loading_info,
     pack_prompts_and_answers,
     read_checkpoint_config,
 )
@@ -66,7 +67,10 @@ class LlavaBackbone(VLMBackbone):
             model, processor = convert_original_llava(path, vision_tower)
             return cls(model.to(dtype), processor, str(path))
         read_checkpoint_config(path, "llava")
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
+        # weights of another family would load with their missing tensors initialised at random: refused
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **kwargs)
+        check_loading_info(info, path, f"Llava layout of {Path(path) / 'config.json'}")
         processor = AutoProcessor.from_pretrained(path)
         return cls(model, processor, str(path))
 

@@ -20,6 +20,7 @@ from affordvla.backbones.base import (
     TRANSFORMERS_VLM_LORA_TARGETS,
     TRANSFORMERS_VLM_PARTS,
     VLMBackbone,
+    check_loading_info,
     pack_prompts_and_answers,
     read_checkpoint_config,
 )
@@ -45,7 +46,10 @@ class PaliGemmaBackbone(VLMBackbone):
         if prefix_lm is None:
             prefix_lm = config.get("affordvla_prefix_lm", True)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
+        # weights of another family would load with their missing tensors initialised at random: refused
+        model, info = PaliGemmaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **kwargs)
+        check_loading_info(info, path, f"PaliGemma layout of {Path(path) / 'config.json'}")
         processor = AutoProcessor.from_pretrained(path)
         return cls(model, processor, str(path), prefix_lm=prefix_lm)
 
