@@ -32,9 +32,13 @@ from affordvla.distributed import (
 from affordvla.policy_module import ActionPolicyModule
 from affordvla.synthesis.pipeline import apply_synthesis
 from affordvla.tracking.run_record import (
+    KEYPOINT_TEXT_HEAD,
     config_hash,
+    decoding_settings,
     flatten_params,
+    resume_record,
     run_tags,
+    write_decoding_record,
     write_run_files,
 )
 
@@ -82,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if hasattr(module, "make_collate"):
         datamodule.collate = module.make_collate()
 
-    tags = run_tags(choices, cfg.task_name, cfg_hash) | sweep_tags(overrides)
+    tags = run_tags(choices, cfg.task_name, cfg_hash, scale=cfg.get("scale_tag")) | sweep_tags(overrides)
     loggers = _instantiate_group(cfg.get("logger"), tags=tags)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.get("stop_after_steps"):
@@ -102,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if rank_zero:
         run_files = write_run_files(cfg, output_dir, overrides, {
             "tags": tags, "dataset": datamodule.metadata(), "backbone_source": backbone.source,
-            "world_size": trainer.world_size,
+            "world_size": trainer.world_size, **resume_record(cfg.get("ckpt_path")),  # a resumed run's parent
         })
         for logger in loggers:
             logger.log_hyperparams(flatten_params(cfg))
@@ -130,6 +134,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         "prefix_lm": cfg.backbone.get("prefix_lm")})
                 elif hasattr(trained, "export_policy"):  # the keypoint regression head records its own settings
                     trained.export_policy(cfg.export_dir)
+                elif cfg.head.get("_target_") == KEYPOINT_TEXT_HEAD:  # eval must decode as this run did
+                    write_decoding_record(cfg.export_dir, decoding_settings(
+                        OmegaConf.to_container(cfg.head, resolve=True), cfg.backbone.get("prefix_lm"),
+                        getattr(datamodule, "eval_centre_crop", None)))
                 Path(cfg.export_dir, "dataset_metadata.json").write_text(
                     json.dumps(datamodule.metadata(), indent=2))
     if rank_zero:
