@@ -47,7 +47,7 @@ def test_mlflow_run_records_tags_params_metrics_and_artifacts(tmp_path, smoke_ov
     assert tags["dataset"] == "toy_kalie"
     assert tags["synthesis"] == "none"
     assert tags["experiment"] == "none"
-    assert tags["scale"] == "full"
+    assert tags["scale"] == "smoke"  # debug=smoke: not a full-scale result
     assert len(tags["git_sha"].split("+")[0]) in (40, 7) or tags["git_sha"] == "unknown"
     assert len(tags["config_hash"]) == 12
     params = run.data.params
