@@ -172,7 +172,13 @@ def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None 
     questions = read_where2place(data_root)
     if answers_file is not None:
         lines = Path(answers_file).read_text(encoding="utf-8").splitlines()
-        answers = [json.loads(line) for line in lines if line.strip()]
+        answers = []
+        for number, line in enumerate(lines, 1):
+            try:
+                answers += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{answers_file}: line {number} is not JSON ({exc.msg}); expected JSON lines "
+                                 '{"question_id": ..., "text": ...}') from None
     elif model_dir is not None:
         backbone = load_model(model_dir)
         answers = answer_where2place(backbone, KeypointTextHead(codec="robopoint"), questions, max_new_tokens)
