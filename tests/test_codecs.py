@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from affordvla.data.sample import KALIE_POINT_NAMES
 from affordvla.heads.codecs import (
     CODECS,
     KalieJsonCodec,

@@ -10,22 +10,43 @@ from affordvla.evaluate import main
 from affordvla.train import train
 
 
-def test_keypoints_from_a_run_reproduce_its_test_metrics(tmp_path, smoke_overrides, capsys):
+def test_keypoints_from_a_run_and_from_its_export_agree_with_its_test_metrics(tmp_path, smoke_overrides, capsys,
+                                                                              monkeypatch, caplog):
+    """The export records how its run decoded (constrained, codec, prompt, prefix_lm, crop): `--model <export>`
+    alone scores it as `--run-id` does, and both reproduce the run's own test metrics. `--run-id` finds the run
+    in the store under AFFORDVLA_ROOT, as affordvla-train wrote it, with no --tracking-uri."""
     from mlflow import MlflowClient
 
     cfg = compose_train(smoke_overrides, tmp_path / "run")
     metrics = train(cfg)
+    export = tmp_path / "run" / "model"
+    record = json.loads((export / "decoding.json").read_text())
+    assert record == {"codec": "paligemma_loc", "constrained": True, "max_new_tokens": None,
+                      "prompt_style": "instruction", "prefix_lm": False, "centre_crop": None}
     uri = f"sqlite:///{tmp_path}/outputs/mlflow.db"
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("affordvla-train").experiment_id])
+    monkeypatch.chdir(tmp_path / "run")  # not the project folder: the store comes from AFFORDVLA_ROOT
+    monkeypatch.setenv("AFFORDVLA_ROOT", str(tmp_path))
+    monkeypatch.delenv("AFFORDVLA_MLFLOW_URI", raising=False)
     capsys.readouterr()
-    assert main(["--out", str(tmp_path / "eval.json"), "keypoints", "--run-id", run.info.run_id,
-                 "--tracking-uri", uri]) == 0
-    evaluated = json.loads((tmp_path / "eval.json").read_text())
-    assert evaluated["keypoint_error"] == pytest.approx(metrics["test/keypoint_error"], abs=1e-6)
-    assert evaluated["parse_failure_rate"] == pytest.approx(metrics["test/parse_failure_rate"])
-    assert evaluated["mean_baseline_error"] == pytest.approx(metrics["test/mean_baseline_error"], abs=1e-6)
-    assert json.loads(capsys.readouterr().out) == evaluated
+    assert main(["--out", str(tmp_path / "by_run.json"), "keypoints", "--run-id", run.info.run_id]) == 0
+    by_run = json.loads((tmp_path / "by_run.json").read_text())
+    assert json.loads(capsys.readouterr().out) == by_run
+    assert main(["--out", str(tmp_path / "by_export.json"), "keypoints", "--model", str(export)]) == 0
+    by_export = json.loads((tmp_path / "by_export.json").read_text())
+    assert by_export == by_run
+    assert by_run["keypoint_error"] == pytest.approx(metrics["test/keypoint_error"], abs=1e-6)
+    assert by_run["parse_failure_rate"] == pytest.approx(metrics["test/parse_failure_rate"]) == 0.0  # constrained
+    assert by_run["mean_baseline_error"] == pytest.approx(metrics["test/mean_baseline_error"], abs=1e-6)
+    assert not (tmp_path / "run" / "outputs").exists()  # no store was created where the command ran
+    # an explicit flag overrides the record, and says so
+    caplog.clear()
+    with caplog.at_level("INFO", logger="affordvla.evaluate"):
+        assert main(["keypoints", "--model", str(export), "--no-constrained", "--prompt-style", "kalie"]) == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoding settings")]
+    assert '"constrained": false' in line and '"prompt_style": "kalie"' in line and '"codec": "paligemma_loc"' in line
+    assert "flags override ['constrained', 'prompt_style']" in line
 
 
 def test_where2place_and_calvin_commands(tmp_path, capsys):

@@ -151,8 +151,12 @@ def test_git_comparison_warns_only():
 def test_unknown_run_and_a_run_without_a_logged_config(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert reproduce.main(["0" * 32, "--tracking-uri", uri]) == 2
-    assert f"run '{'0' * 32}' not found in {uri}" in capsys.readouterr().err
+    assert f"MLflow store {uri} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # reading never creates a store
     client = MlflowClient(uri)
+    client.search_experiments()
+    assert reproduce.main(["0" * 32, "--tracking-uri", uri]) == 2
+    assert f"run '{'0' * 32}' not found in {uri}" in capsys.readouterr().err
     run = client.create_run(ensure_experiment(client, "other"))
     client.set_terminated(run.info.run_id)
     assert reproduce.main([run.info.run_id, "--tracking-uri", uri]) == 2

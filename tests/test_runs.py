@@ -21,13 +21,14 @@ def store(tmp_path_factory):
     client = MlflowClient(uri)
     train = {"task_name": "train"}
     ids = {
-        "pg_old": _run(client, "affordvla-train", {**train, "backbone": "paligemma_tiny", "dataset": "kalie"},
+        "pg_old": _run(client, "affordvla-train", {**train, "backbone": "paligemma_tiny", "dataset": "kalie",
+                                                    "scale": "full"},
                        {"test/keypoint_error": 0.30, "test/mean_baseline_error": 0.25}, 1000),
         "pg_new": _run(client, "affordvla-train", {**train, "backbone": "paligemma_tiny", "dataset": "toy_kalie",
                                                     "scale": "full"},
                        {"test/keypoint_error": 0.10, "test/mean_baseline_error": 0.20, "test/parse_failure_rate": 0.5},
                        3000),
-        "llava": _run(client, "affordvla-robopoint", {**train, "backbone": "llava_tiny"},
+        "llava": _run(client, "affordvla-robopoint", {**train, "backbone": "llava_tiny", "scale": "full"},
                       {"test/keypoint_error": 0.40, "test/mean_baseline_error": 0.50, "val/keypoint_error": 0.45}, 2000),
         # not training runs, or not finished: left out
         "pretrain": _run(client, "affordvla-pretrain", {"backbone": "paligemma_tiny"}, {"pretrain/seconds": 3.0}, 4000),
@@ -66,15 +67,19 @@ def test_metric_selection_and_frame(store):
 
 def test_compare_backbones_by_hand(store):
     uri, ids = store
-    rows = runs.compare_backbones(runs.load_runs(uri))
-    # paligemma: errors 0.10 and 0.30 (mean 0.20), baselines 0.20 and 0.25 (mean 0.225),
-    # ratios 0.5 and 1.2 (mean 0.85); llava: 0.40 / 0.50 = 0.8 -> llava first
-    assert [r["backbone"] for r in rows] == ["llava_tiny", "paligemma_tiny"]
-    llava, paligemma = rows
+    # a debug=smoke run of the same backbone (tagged scale=smoke), newest of all: a row of its own
+    smoke = {"run_id": "smoke-run", "tag.backbone": "paligemma_tiny", "tag.scale": "smoke",
+             "test/keypoint_error": 5.0, "test/mean_baseline_error": 1.0}
+    rows = runs.compare_backbones([smoke, *runs.load_runs(uri)])
+    # full scale, paligemma: errors 0.10 and 0.30 (mean 0.20), baselines 0.20 and 0.25 (mean 0.225),
+    # ratios 0.5 and 1.2 (mean 0.85); llava: 0.40 / 0.50 = 0.8 -> llava first; the smoke row after the full ones
+    assert [(r["backbone"], r["scale"]) for r in rows] == [
+        ("llava_tiny", "full"), ("paligemma_tiny", "full"), ("paligemma_tiny", "smoke")]
+    llava, paligemma, paligemma_smoke = rows
     assert llava["runs"] == 1 and llava["newest_run"] == ids["llava"] and llava["vs_baseline"] == pytest.approx(0.8)
     assert paligemma["runs"] == 2 and paligemma["newest_run"] == ids["pg_new"]
-    assert paligemma["datasets"] == "kalie, toy_kalie" and paligemma["scales"] == "full"
-    assert llava["datasets"] == "" and llava["scales"] == ""
+    assert paligemma["datasets"] == "kalie, toy_kalie" and llava["datasets"] == ""
+    assert paligemma_smoke["runs"] == 1 and paligemma_smoke["vs_baseline"] == pytest.approx(5.0)
     assert paligemma["test/keypoint_error"] == pytest.approx(0.20)
     assert paligemma["test/mean_baseline_error"] == pytest.approx(0.225)
     assert paligemma["vs_baseline"] == pytest.approx(0.85)

@@ -47,7 +47,7 @@ def test_mlflow_run_records_tags_params_metrics_and_artifacts(tmp_path, smoke_ov
     assert tags["dataset"] == "toy_kalie"
     assert tags["synthesis"] == "none"
     assert tags["experiment"] == "none"
-    assert tags["scale"] == "full"
+    assert tags["scale"] == "smoke"  # debug=smoke: not a full-scale result
     assert len(tags["git_sha"].split("+")[0]) in (40, 7) or tags["git_sha"] == "unknown"
     assert len(tags["config_hash"]) == 12
     params = run.data.params
@@ -72,8 +72,9 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_is_exact(tmp_path, smoke_overrides):
-    """4 steps, stop, resume to 8 == 8 uninterrupted steps, bit for bit."""
-    common = smoke_overrides + ["logger=none", "test=false", "export_dir=null",
+    """4 steps, stop, resume to 8 == 8 uninterrupted steps, bit for bit. The resumed job's config differs (no
+    stop_after_steps): its MLflow run is a child of the first, and its folder names the first's."""
+    common = smoke_overrides + ["test=false", "export_dir=null",
                                 "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
                                 "dataset.generate.splits.train=20"]  # 5 batches per epoch: resume crosses epochs
     straight = compose_train(common + ["trainer.max_steps=8"], tmp_path / "straight")
@@ -93,6 +94,14 @@ def test_resume_is_exact(tmp_path, smoke_overrides):
     first_weights = load_state_dict(checkpoint / "model.safetensors")
     changed = sum(not torch.equal(first_weights[k], expected[k]) for k in expected)
     assert changed > 0  # steps 5-8 did train
+    client = MlflowClient(_mlflow_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("affordvla-train").experiment_id])
+    (child,) = [r for r in runs if "resumed_from" in r.data.tags]
+    info = json.loads((tmp_path / "resumed" / "run_info.json").read_text())
+    assert info["parent_run_dir"] == str(tmp_path / "first")
+    assert child.data.tags["mlflow.parentRunId"] == info["parent_mlflow_run_id"] != child.info.run_id
+    assert info["parent_mlflow_run_id"] in {r.info.run_id for r in runs}
+    assert child.data.tags["resumed_from"] == str(checkpoint.resolve())
 
 
 def test_multirun_records_two_runs_in_one_experiment(tmp_path, tiny_backbone_dir):

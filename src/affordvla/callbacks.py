@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
 from affordvla.tracking.overlays import overlay_grid
+from affordvla.tracking.run_record import LINEAGE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +103,20 @@ class StopAfterSteps(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.steps:
             trainer.should_stop = True
+
+
+class RunLineageCallback(L.Callback):
+    """Records in every checkpoint which run wrote it: the run folder, the MLflow run (id, store, config hash) and
+    the checkpoint that run itself resumed from. A run resumed from the checkpoint reads this back to continue the
+    same MLflow run (or a child of it) and to name its parent folder in run_info.json."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = str(run_dir)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        lineage = {"run_dir": self.run_dir, "resumed_from": str(trainer.ckpt_path) if trainer.ckpt_path else None}
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:
+                lineage.update(mlflow_run_id=logger.run_id, tracking_uri=logger._tracking_uri,
+                               config_hash=(logger.tags or {}).get("config_hash"))
+        checkpoint[LINEAGE_KEY] = lineage

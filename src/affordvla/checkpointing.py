@@ -8,6 +8,7 @@ Lightning hands a checkpoint dict to `SafetensorsCheckpointIO`; the tensors of i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from affordvla.weight_files import WeightFileError, check_keys_match, safetensors_header, safetensors_shapes
 
+log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "training_state.pt"
 PARTIAL_SUFFIX = ".partial"
@@ -135,9 +137,21 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
 
 class DirectoryModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint writing `step_000100/` directories instead of `.ckpt` files."""
+    """ModelCheckpoint writing `step_000100/` directories instead of `.ckpt` files.
+
+    A resumed run writes its checkpoints into its own run folder (run_info.json names the parent's). The parent
+    folder's bookkeeping (its best and last checkpoints) is not carried over, so nothing there is ever pruned by
+    the new run; Lightning warns "dirpath has changed" about exactly that, which is intended here."""
 
     FILE_EXTENSION = ""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        parent = state_dict.get("dirpath", self.dirpath)
+        if parent == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        log.info("resumed from a checkpoint of %s: this run's checkpoints go to %s", parent, self.dirpath)
+        self.best_model_path = state_dict["best_model_path"]
 
 
 class RNGStateCallback(L.Callback):

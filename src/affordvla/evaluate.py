@@ -1,6 +1,6 @@
 """`affordvla-eval`: evaluate a model directory, an MLflow run, or recorded results.
 
-    affordvla-eval keypoints --model DIR --data KALIE_ROOT [--split test] [--codec paligemma_loc]
+    affordvla-eval keypoints --model EXPORT_DIR [--data KALIE_ROOT] [--split test] [--codec ... to override]
     affordvla-eval keypoints --run-id ID [--tracking-uri URI]      (the run's exported model and dataset)
     affordvla-eval where2place --data W2P_ROOT (--model DIR | --answers answers.jsonl) [--mode compat|corrected]
     affordvla-eval kalie --predictions preds.jsonl --labels KALIE_ROOT|labels.json [--formatstyle json|str|array]
@@ -32,6 +32,8 @@ def _family(model_dir: Path) -> str:
     from affordvla.backbones.factory import FAMILIES
     from affordvla.backbones.llava.convert import is_original_llava
 
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder (an export: <run>/model)")
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{model_dir} has no config.json: not a model directory")
@@ -51,24 +53,64 @@ def load_model(model_dir: str | Path, **kwargs):
     return backbone
 
 
-def evaluate_keypoints(model_dir: str | Path, data_root: str | Path, *, split: str = "test",
-                       codec: str = "paligemma_loc", prompt_style: str = "instruction", batch_size: int = 16,
-                       centre_crop: float | None = None, prefix_lm: bool | None = None,
-                       constrained: bool = False) -> dict[str, float]:
-    """KALIE keypoint metrics of a model on a KALIE-format dataset split, beside the mean-keypoint baseline."""
+def keypoint_settings(model_dir: str | Path, overrides: dict[str, Any] | None = None,
+                      run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How to decode an exported keypoint-text model: as its run did, from the export's record (`decoding.json`,
+    written by affordvla-train), else from the run's resolved config (`run_config`, or the config_resolved.yaml
+    beside an older export); `overrides` that are not None win. A model that records nothing needs `codec`."""
+    from omegaconf import OmegaConf
+
+    from affordvla.tracking.run_record import DECODING_RECORD, read_decoding_record, run_decoding_settings
+
+    model_dir = Path(model_dir)
+    recorded, source = read_decoding_record(model_dir), model_dir / DECODING_RECORD
+    if recorded is None:
+        beside = model_dir.parent / "config_resolved.yaml"
+        if run_config is None and beside.is_file():
+            run_config, source = OmegaConf.to_container(OmegaConf.load(beside)), beside
+        if run_config is not None:
+            recorded = run_decoding_settings(run_config)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if recorded is None:
+        if "codec" not in given:
+            raise ValueError(f"{model_dir} records no decoding settings (no {DECODING_RECORD}, no run config beside "
+                             "it): pass --codec, and --constrained / --prompt-style / --prefix-lm / --centre-crop "
+                             "as its run trained, or evaluate the run with --run-id")
+        recorded, source = {}, None
+    settings = {**recorded, **given}
+    log.info("decoding settings %s (from %s%s)", json.dumps(settings, sort_keys=True), source or "the flags",
+             f"; flags override {sorted(given)}" if given and source else "")
+    return settings
+
+
+def evaluate_keypoints(model_dir: str | Path, data_root: str | Path | None = None, *, split: str = "test",
+                       batch_size: int = 16, run_config: dict[str, Any] | None = None,
+                       **overrides: Any) -> dict[str, float]:
+    """KALIE keypoint metrics of an exported keypoint-text model on a KALIE-format dataset split, beside the
+    mean-keypoint baseline. It decodes as its run did (`keypoint_settings`); keyword arguments that are not None
+    (codec, codec_kwargs, prompt_style, constrained, max_new_tokens, prefix_lm, centre_crop) override. The data
+    defaults to the run's dataset (the export's dataset_metadata.json)."""
     from affordvla.data.datamodule import KalieDataModule
     from affordvla.evaluation.keypoints import KeypointEvaluator
     from affordvla.heads.keypoint_text import KeypointTextHead
 
-    extra = {"prefix_lm": prefix_lm} if prefix_lm is not None else {}
-    backbone = load_model(model_dir, **extra)
-    head = KeypointTextHead(codec=codec, prompt_style=prompt_style, constrained=constrained)
+    model_dir = Path(model_dir)
+    _family(model_dir)  # a folder that is not a model fails here, before the settings are looked for
+    settings = keypoint_settings(model_dir, overrides, run_config)
+    data_root = Path(data_root) if data_root is not None else _recorded_data_root(model_dir)
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"--data {data_root}: no such dataset folder (a KALIE-format dataset: "
+                                "data_jsonformat.json and imgs/)")
+    prefix_lm, centre_crop = settings.pop("prefix_lm", None), settings.pop("centre_crop", None)
+    backbone = load_model(model_dir, **({"prefix_lm": prefix_lm} if prefix_lm is not None else {}))
+    head = KeypointTextHead(**settings)
     head.bind(backbone)
     data = KalieDataModule(str(data_root), generate=None, eval_centre_crop=centre_crop)
     data.setup()
     if split not in data.splits:
         raise ValueError(f"{data_root} has no split {split!r}; it has {sorted(data.splits)}")
-    evaluator = KeypointEvaluator(mean_keypoints=data.train_keypoint_mean(), kalie_answers=codec == "kalie_json")
+    evaluator = KeypointEvaluator(mean_keypoints=data.train_keypoint_mean(),
+                                  kalie_answers=head.codec.name == "kalie_json")
     samples = [data.splits[split][i] for i in range(len(data.splits[split]))]
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
@@ -79,24 +121,45 @@ def evaluate_keypoints(model_dir: str | Path, data_root: str | Path, *, split: s
     return evaluator.compute()
 
 
-def run_locations(run_id: str, tracking_uri: str) -> dict[str, Any]:
-    """The exported model, dataset root and head settings recorded by a training run."""
-    from mlflow import MlflowClient
+def _recorded_data_root(model_dir: Path) -> Path:
+    metadata = model_dir / "dataset_metadata.json"
+    root = json.loads(metadata.read_text()).get("root") if metadata.is_file() else None
+    if not root:
+        raise ValueError(f"{model_dir} records no dataset (no root in {metadata.name}): pass --data")
+    return Path(root)
+
+
+def run_config(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The resolved config an affordvla-train run logged (artifact run/config_resolved.yaml), read from the store
+    every affordvla command uses unless `tracking_uri` names another; an absent store is refused, not created."""
+    import tempfile
+
     from omegaconf import OmegaConf
 
-    client = MlflowClient(tracking_uri)
-    local = client.download_artifacts(run_id, "run/config_resolved.yaml")
-    config = OmegaConf.to_container(OmegaConf.load(local))
+    from affordvla.tracking.runs import get_run, open_store
+
+    client = open_store(tracking_uri)
+    get_run(client, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, "run/config_resolved.yaml", tmp)
+        except Exception as exc:  # MLflow raises several types for a missing artifact
+            raise ValueError(f"run {run_id} has no artifact run/config_resolved.yaml (not an affordvla-train run?): "
+                             f"{exc}") from None
+        return OmegaConf.to_container(OmegaConf.load(local))
+
+
+def run_locations(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The exported model, dataset root and resolved config of a keypoint-text training run."""
+    config = run_config(run_id, tracking_uri)
     export_dir = config.get("export_dir")
     if not export_dir or not Path(export_dir).is_dir():
         raise ValueError(f"run {run_id} exported no model directory (export_dir={export_dir!r})")
-    head = config["head"]
+    head = config.get("head") or {}
     if "codec" not in head:
         raise ValueError(f"run {run_id} trained {head.get('_target_')}, not the keypoint-text head: its test "
                          "metrics are logged in the run; `keypoints` scores text answers only")
-    return {"model": export_dir, "data": config["dataset"]["root"], "codec": head["codec"],
-            "prompt_style": head.get("prompt_style", "instruction"), "constrained": head.get("constrained", False),
-            "prefix_lm": config["backbone"].get("prefix_lm")}
+    return {"model": export_dir, "data": (config.get("dataset") or {}).get("root"), "config": config}
 
 
 def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None = None,
@@ -151,18 +214,19 @@ def evaluate_kalie_predictions(predictions: str | Path, labels: str | Path, form
                              source=str(labels))
 
 
-def load_policy(model_dir: str | Path, config: str | Path | None = None, execution: str = "first"):
+def load_policy(model_dir: str | Path, config: Any = None, execution: str = "first"):
     """A `PolicyRunner` over an exported policy (`export_policy` beside the exported backbone). The head's
     settings come from the training run's resolved config when `config` names it, else from the export itself
     (affordvla-train records them there), else from `config_resolved.yaml` beside an older export."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from affordvla.backbones.factory import load_backbone
     from affordvla.policy_module import POLICY_CONFIG, ActionPolicyModule
     from affordvla.rollout import PolicyRunner
 
     model_dir = Path(model_dir)
+    family = _family(model_dir)
     if not (model_dir / POLICY_CONFIG).is_file():
         raise ValueError(f"{model_dir} has no {POLICY_CONFIG}: not an exported policy "
                          "(train with module=action_policy)")
@@ -170,14 +234,15 @@ def load_policy(model_dir: str | Path, config: str | Path | None = None, executi
     if config is None and "head" in policy:
         head_config, prefix_lm = OmegaConf.create(policy["head"]), policy.get("prefix_lm")
     else:
-        config = Path(config) if config else model_dir.parent / "config_resolved.yaml"
-        if not config.is_file():
-            raise FileNotFoundError(f"{config}: the training run's resolved config is needed to rebuild the head "
-                                    "(pass --config, or --run-id)")
-        cfg = OmegaConf.load(config)
+        if not isinstance(config, DictConfig):  # a run's config read from its store is passed as it is
+            config = Path(config) if config else model_dir.parent / "config_resolved.yaml"
+            if not config.is_file():
+                raise FileNotFoundError(f"{config}: the training run's resolved config is needed to rebuild the "
+                                        "head (pass --config, or --run-id)")
+        cfg = config if isinstance(config, DictConfig) else OmegaConf.load(config)
         head_config, prefix_lm = cfg.head, cfg.backbone.get("prefix_lm")
     extra = {"prefix_lm": prefix_lm} if prefix_lm is not None else {}
-    backbone = load_backbone(_family(model_dir), str(model_dir), **extra)
+    backbone = load_backbone(family, str(model_dir), **extra)
     module = ActionPolicyModule(backbone, instantiate(head_config), optimizer=None, formulation=policy["formulation"],
                                 latent_tokens=policy["latent_tokens"])
     module.load_exported_head(model_dir)
@@ -240,11 +305,12 @@ def evaluate_rollout(model_dir: str | Path, env_name: str, *, episodes: int = 0,
     return report.metrics(), report
 
 
-def log_to_run(run_id: str, tracking_uri: str, metrics: dict[str, float], files: list[Path]) -> None:
+def log_to_run(run_id: str, tracking_uri: str | None, metrics: dict[str, float], files: list[Path]) -> None:
     """Record rollout metrics (and image strips) in the training run, where affordvla-table reads them."""
-    from mlflow import MlflowClient
+    from affordvla.tracking.runs import get_run, open_store
 
-    client = MlflowClient(tracking_uri)
+    client = open_store(tracking_uri)
+    get_run(client, run_id)
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))
     for path in files:
@@ -257,16 +323,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the metrics JSON here")
     commands = parser.add_subparsers(dest="command", required=True)
     keypoints = commands.add_parser("keypoints", help="KALIE keypoint errors of a model on a KALIE dataset")
-    keypoints.add_argument("--model")
-    keypoints.add_argument("--data")
+    keypoints.add_argument("--model", help="an exported model folder (<run>/model); decoded as its run did")
+    keypoints.add_argument("--data", help="a KALIE-format dataset (default: the run's dataset)")
     keypoints.add_argument("--run-id", help="an affordvla-train MLflow run: its exported model and dataset")
-    keypoints.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    keypoints.add_argument("--tracking-uri", help="the store holding --run-id (default: $AFFORDVLA_MLFLOW_URI, "
+                           "else outputs/mlflow.db under $AFFORDVLA_ROOT or here, as affordvla-train writes)")
     keypoints.add_argument("--split", default="test")
-    keypoints.add_argument("--codec", default="paligemma_loc", choices=("paligemma_loc", "kalie_json", "robopoint"))
-    keypoints.add_argument("--prompt-style", default="instruction", choices=("instruction", "kalie"))
-    keypoints.add_argument("--constrained", action="store_true",
+    # decoding: the run's own settings (recorded in the export) unless given here
+    keypoints.add_argument("--codec", choices=("paligemma_loc", "kalie_json", "robopoint"))
+    keypoints.add_argument("--prompt-style", choices=("instruction", "kalie"))
+    keypoints.add_argument("--constrained", action=argparse.BooleanOptionalAction,
                            help="decode through the codec's answer grammar (every answer parses)")
-    keypoints.add_argument("--centre-crop", type=float, help="evaluate on KALIE's centre crop (e.g. 0.642857)")
+    keypoints.add_argument("--prefix-lm", action=argparse.BooleanOptionalAction,
+                           help="PaliGemma's bidirectional attention over image and prompt")
+    keypoints.add_argument("--centre-crop", type=float, help="evaluate on a centre crop of this fraction "
+                           "(KALIE's 0.642857; 1 for the full image)")
     where = commands.add_parser("where2place", help="Where2Place accuracy (compat: the original scorer's numbers)")
     where.add_argument("--data", required=True)
     where.add_argument("--model")
@@ -286,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     rollout = commands.add_parser("rollout", help="closed-loop rollouts of an exported policy in a simulator")
     rollout.add_argument("--model", help="an exported policy directory (<run>/model)")
     rollout.add_argument("--run-id", help="an affordvla-train MLflow run: its exported policy and config")
-    rollout.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    rollout.add_argument("--tracking-uri", help="the store holding --run-id (default: as affordvla-train writes)")
     rollout.add_argument("--config", help="the run's config_resolved.yaml (default: the head settings the export "
                          "records, or the config beside an older export)")
     rollout.add_argument("--env", required=True, choices=("toy", "calvin", "rlbench", "simpler"))
@@ -306,16 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "keypoints":
-            settings = {"codec": args.codec, "prompt_style": args.prompt_style, "prefix_lm": None,
-                        "constrained": args.constrained}
-            model, data = args.model, args.data
-            if args.run_id:
-                found = run_locations(args.run_id, args.tracking_uri)
-                model, data = model or found["model"], data or found["data"]
-                settings = {k: found[k] for k in ("codec", "prompt_style", "prefix_lm", "constrained")}
-            if not model or not data:
-                raise ValueError("keypoints needs --model and --data, or --run-id")
-            metrics = evaluate_keypoints(model, data, split=args.split, centre_crop=args.centre_crop, **settings)
+            metrics = _keypoints_command(args)
         elif args.command == "where2place":
             metrics, answers = evaluate_where2place(args.data, model_dir=args.model, answers_file=args.answers,
                                                     mode=args.mode, num_questions=args.num_questions)
@@ -339,19 +401,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _keypoints_command(args) -> dict[str, float]:
+    if not args.model and not args.run_id:
+        raise ValueError("keypoints needs --model (an exported model folder) or --run-id")
+    if args.centre_crop is not None and not 0 < args.centre_crop <= 1:
+        raise ValueError(f"--centre-crop {args.centre_crop}: expected a fraction in (0, 1]")
+    model, data, config = args.model, args.data, None
+    if args.run_id:
+        found = run_locations(args.run_id, args.tracking_uri)
+        model, data, config = model or found["model"], data or found["data"], found["config"]
+    return evaluate_keypoints(model, data, split=args.split, run_config=config, codec=args.codec,
+                              prompt_style=args.prompt_style, constrained=args.constrained,
+                              prefix_lm=args.prefix_lm, centre_crop=args.centre_crop)
+
+
 def _rollout_command(args) -> dict[str, float]:
     model, config = args.model, args.config
     if args.log_to_run and not args.run_id:
         raise ValueError("--log-to-run needs --run-id")
     if args.run_id:
-        from mlflow import MlflowClient
         from omegaconf import OmegaConf
 
-        recorded = MlflowClient(args.tracking_uri).download_artifacts(args.run_id, "run/config_resolved.yaml")
-        export_dir = OmegaConf.load(recorded).get("export_dir")
+        recorded = run_config(args.run_id, args.tracking_uri)
+        export_dir = recorded.get("export_dir")
         if not model and not (export_dir and Path(export_dir).is_dir()):
             raise ValueError(f"run {args.run_id} exported no policy directory (export_dir={export_dir!r})")
-        model, config = model or export_dir, config or recorded
+        model, config = model or export_dir, config or OmegaConf.create(recorded)
     if not model:
         raise ValueError("rollout needs --model or --run-id")
     if args.env != "toy":  # before loading the model: a missing simulator should cost nothing

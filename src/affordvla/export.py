@@ -27,6 +27,7 @@ from affordvla.backbones.finetuning import export_backbone, has_lora
 from affordvla.checkpointing import check_checkpoint_matches, read_checkpoint
 from affordvla.cli import console_command
 from affordvla.policy_module import ActionPolicyModule
+from affordvla.tracking.run_record import KEYPOINT_TEXT_HEAD, run_decoding_settings, write_decoding_record
 
 log = logging.getLogger("affordvla.export")
 EXPORT_MARKER = "affordvla_export.json"
@@ -79,6 +80,9 @@ def write_export(module, cfg: DictConfig, out_dir: str | Path, metadata: dict[st
                                              "prefix_lm": cfg.backbone.get("prefix_lm")})
     elif hasattr(module, "export_policy"):  # the keypoint regression head records its own settings
         module.export_policy(out_dir)
+    elif cfg.head.get("_target_") == KEYPOINT_TEXT_HEAD:  # evaluation must decode as this run did
+        parts = {part: OmegaConf.to_container(cfg[part], resolve=True) for part in ("dataset", "head", "backbone")}
+        write_decoding_record(out_dir, run_decoding_settings(parts))
     (out_dir / "dataset_metadata.json").write_text(json.dumps(metadata, indent=2))
     marker.write_text(json.dumps(record | {"complete": True}, indent=2))
     return out_dir

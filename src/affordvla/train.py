@@ -34,6 +34,7 @@ from affordvla.synthesis.pipeline import apply_synthesis
 from affordvla.tracking.run_record import (
     config_hash,
     flatten_params,
+    resume_record,
     run_tags,
     write_run_files,
 )
@@ -88,7 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if hasattr(module, "make_collate"):
         datamodule.collate = module.make_collate()
 
-    tags = run_tags(choices, cfg.task_name, cfg_hash) | sweep_tags(overrides)
+    tags = run_tags(choices, cfg.task_name, cfg_hash, scale=cfg.get("scale_tag")) | sweep_tags(overrides)
     loggers = _instantiate_group(cfg.get("logger"), tags=tags)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.get("stop_after_steps"):
@@ -106,7 +107,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if rank_zero:
         run_files = write_run_files(cfg, output_dir, overrides, {
             "tags": tags, "dataset": datamodule.metadata(), "backbone_source": backbone.source,
-            "world_size": trainer.world_size,
+            "world_size": trainer.world_size, **resume_record(cfg.get("ckpt_path")),  # a resumed run's parent
         })
         for logger in loggers:
             logger.log_hyperparams(flatten_params(cfg))

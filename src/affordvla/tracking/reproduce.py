@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import yaml
 
-from affordvla.tracking.runs import default_tracking_uri
+from affordvla.tracking.runs import default_tracking_uri, open_store
 from affordvla.cli import console_command
 
 TIMING_SUFFIXES = ("_seconds", "_per_s", "_time")  # wall-clock figures: never reproducible, never compared
@@ -51,9 +51,11 @@ def is_timing(name: str) -> bool:
 
 
 def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
+    """A client of an existing store: an absent sqlite file is reported, not created empty."""
+    try:
+        return open_store(uri)
+    except FileNotFoundError as exc:
+        raise ReproduceError(str(exc)) from None
 
 
 def get_run(client, run_id: str):

@@ -41,10 +41,10 @@ def git_sha(path: str | Path | None = None) -> str:
 
 
 # Top-level keys that say where a run writes or how it reports, not what it computes: left out of the config hash.
-HASH_EXCLUDED = ("hydra", "paths", "logger", "ckpt_path", "export_dir", "task_name")
+HASH_EXCLUDED = ("hydra", "paths", "logger", "ckpt_path", "export_dir", "task_name", "scale_tag")
 # Callbacks that only record or display; others (a benchmark scored at test time) change the metrics and count.
 REPORTING_CALLBACKS = ("model_checkpoint", "rng_state", "keypoint_overlays", "action_traces", "lr_monitor",
-                       "progress_bar")
+                       "progress_bar", "run_lineage")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -60,9 +60,14 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run_tags(choices: Mapping[str, Any], task_name: str, cfg_hash: str | None = None) -> dict[str, str]:
-    """Tags naming the option chosen in every config group (Hydra's runtime choices)."""
+def run_tags(choices: Mapping[str, Any], task_name: str, cfg_hash: str | None = None,
+             scale: str | None = None) -> dict[str, str]:
+    """Tags naming the option chosen in every config group (Hydra's runtime choices). `scale` (the config's
+    `scale_tag`, set by a debug config that shrinks the run) replaces the scale group's choice: a `debug=smoke`
+    run of a full-scale config is not a full-scale result."""
     tags = {key: str(choices.get(key) or "none") for key in TAG_KEYS}
+    if scale:
+        tags["scale"] = str(scale)
     tags["git_sha"] = git_sha()
     tags["task_name"] = task_name
     if cfg_hash:
@@ -96,3 +101,89 @@ def write_run_files(cfg: DictConfig, output_dir: Path, overrides: list[str], ext
     files["overrides"].write_text(json.dumps(overrides, indent=2))
     files["run_info"].write_text(json.dumps(extra, indent=2, default=str))
     return files
+
+
+# ---------------------------------------------------------------------------------------------- export records
+
+# Beside an exported keypoint-text model: how its run decoded and viewed the evaluation images, so that
+# `affordvla-eval keypoints --model <export>` scores it as the run did (flags only override).
+DECODING_RECORD = "decoding.json"
+# what an evaluation rebuilds the keypoint-text head from (training-only settings such as location_sigma aside)
+DECODING_HEAD_KEYS = ("codec", "codec_kwargs", "prompt_style", "constrained", "max_new_tokens")
+KEYPOINT_TEXT_HEAD = "affordvla.heads.keypoint_text.KeypointTextHead"
+
+
+def decoding_settings(head: Mapping[str, Any], prefix_lm: bool | None,
+                      eval_centre_crop: float | None) -> dict[str, Any]:
+    """The settings of a keypoint-text run that change its evaluation numbers: the head's decoding, the backbone's
+    attention mask and the evaluation view. `head` is the run's resolved head config."""
+    target = head.get("_target_", KEYPOINT_TEXT_HEAD)
+    if target != KEYPOINT_TEXT_HEAD:
+        raise ValueError(f"head {target} is not the keypoint-text head: only its answers are decoded as text")
+    settings = {key: head[key] for key in DECODING_HEAD_KEYS if key in head}
+    return {**settings, "prefix_lm": prefix_lm, "centre_crop": eval_centre_crop}
+
+
+def run_decoding_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`decoding_settings` of a run from its resolved config (runs exported before the record existed)."""
+    dataset = config.get("dataset") or {}
+    crop = dataset.get("eval_centre_crop")
+    if crop is None and isinstance(dataset.get("augmentation"), Mapping):  # KALIE's view: the augmentation's crop
+        crop = dataset["augmentation"].get("crop_fraction")
+    return decoding_settings(config.get("head") or {}, (config.get("backbone") or {}).get("prefix_lm"), crop)
+
+
+def write_decoding_record(export_dir: str | Path, settings: Mapping[str, Any]) -> Path:
+    path = Path(export_dir) / DECODING_RECORD
+    path.write_text(json.dumps(dict(settings), indent=2, sort_keys=True))
+    return path
+
+
+def read_decoding_record(export_dir: str | Path) -> dict[str, Any] | None:
+    """The export's recorded decoding settings; None when it records none (an older export, a plain model)."""
+    path = Path(export_dir) / DECODING_RECORD
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); it should hold the run's decoding settings") from None
+    known = [*DECODING_HEAD_KEYS, "prefix_lm", "centre_crop"]
+    if not isinstance(settings, dict) or set(settings) - set(known):
+        found = sorted(settings) if isinstance(settings, dict) else type(settings).__name__
+        raise ValueError(f"{path}: expected an object of decoding settings with keys among {known}, got {found}")
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------- resumed runs
+
+# the checkpoint's entry naming the run that wrote it (callbacks.RunLineageCallback)
+LINEAGE_KEY = "run_lineage"
+
+
+def read_run_lineage(ckpt_path: str | Path | None) -> dict[str, Any] | None:
+    """What a checkpoint records about the run that wrote it; None for no checkpoint, a folder that is not one
+    (the checkpoint checks report those) or a checkpoint written before the record existed."""
+    import torch
+
+    from affordvla.checkpointing import STATE_NAME
+
+    state_file = Path(ckpt_path) / STATE_NAME if ckpt_path else None
+    if state_file is None or not state_file.is_file():
+        return None
+    try:  # memory-mapped: the optimizer state it holds is not read
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise ValueError(f"{state_file}: cannot be read as a training state ({exc})") from None
+    lineage = state.get(LINEAGE_KEY) if isinstance(state, dict) else None
+    return dict(lineage) if isinstance(lineage, Mapping) else None
+
+
+def resume_record(ckpt_path: str | Path | None) -> dict[str, Any]:
+    """What a resumed run's run_info.json records of its parent: the checkpoint, the parent's run folder and
+    MLflow run. Empty when the run does not resume."""
+    if not ckpt_path:
+        return {}
+    lineage = read_run_lineage(ckpt_path) or {}
+    return {"resumed_from": str(Path(ckpt_path).resolve()), "parent_run_dir": lineage.get("run_dir"),
+            "parent_mlflow_run_id": lineage.get("mlflow_run_id")}

@@ -38,8 +38,34 @@ def default_tracking_uri() -> str:
 def store_exists(tracking_uri: str) -> bool:
     """False for a sqlite URI whose file is not there (MLflow would silently create an empty store)."""
     if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///")).is_file()
+        return Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]).is_file()
     return True
+
+
+class RunNotFound(ValueError):
+    """An MLflow run id that the store does not hold."""
+
+
+def open_store(tracking_uri: str | None = None) -> MlflowClient:
+    """A client of the store (default: `default_tracking_uri()`, as every affordvla command), refusing a sqlite
+    store whose file is not there: opening it would create an empty database and then report the run missing."""
+    uri = tracking_uri or default_tracking_uri()
+    if not store_exists(uri):
+        raise FileNotFoundError(f"MLflow store {uri} does not exist: no run was recorded there (the default store "
+                                "is outputs/mlflow.db under $AFFORDVLA_ROOT or the current folder; pass "
+                                "--tracking-uri or set AFFORDVLA_ROOT / AFFORDVLA_MLFLOW_URI)")
+    return MlflowClient(uri)
+
+
+def get_run(client: MlflowClient, run_id: str) -> Run:
+    """The run, or RunNotFound naming the id and the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise RunNotFound(f"run {run_id!r} not found in MLflow store {client.tracking_uri} "
+                          f"({exc.message.splitlines()[0]})") from None
 
 
 def _quote(value: str) -> str:
@@ -137,20 +163,21 @@ def _mean(values: list[float]) -> float | None:
 
 def compare_backbones(records: Iterable[dict[str, Any]], metrics: Sequence[str] = KEY_TEST_METRICS,
                       baseline: str = BASELINE_METRIC) -> list[dict[str, Any]]:
-    """One row per `backbone` tag: number of runs, the newest run's id, the datasets and scales of its runs (tags),
-    the mean of each metric over its runs,
-    the mean baseline, and `vs_baseline` = mean(metric / baseline) of the first metric over the runs that
-    logged both (below 1 beats predicting the mean). Rows sorted by `vs_baseline`, then name."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """One row per `backbone` and `scale` tag (a smoke run is never averaged into full-scale ones): number of runs,
+    the newest run's id, the datasets of its runs (tags), the mean of each metric over its runs, the mean baseline,
+    and `vs_baseline` = mean(metric / baseline) of the first metric over the runs that logged both (below 1 beats
+    predicting the mean). Rows sorted by scale (full first), then `vs_baseline`, then name."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records:  # records are newest first: the first of each group is its newest run
-        groups.setdefault(str(record.get("tag.backbone", "none")), []).append(record)
+        key = (str(record.get("tag.backbone", "none")), str(record.get("tag.scale") or ""))
+        groups.setdefault(key, []).append(record)
     first = metrics[0] if metrics else None
     rows = []
-    for backbone, group in groups.items():
-        row: dict[str, Any] = {"backbone": backbone, "runs": len(group), "newest_run": group[0]["run_id"]}
-        # what the runs were trained on: a comparison across datasets or scales is worth a filter (tags=...)
-        for tag in ("dataset", "scale"):
-            row[f"{tag}s"] = ", ".join(sorted({str(r[f"tag.{tag}"]) for r in group if r.get(f"tag.{tag}")}))
+    for (backbone, scale), group in groups.items():
+        row: dict[str, Any] = {"backbone": backbone, "scale": scale, "runs": len(group),
+                               "newest_run": group[0]["run_id"]}
+        # what the runs were trained on: a comparison across datasets is worth a filter (tags=...)
+        row["datasets"] = ", ".join(sorted({str(r["tag.dataset"]) for r in group if r.get("tag.dataset")}))
         for name in metrics:
             row[name] = _mean([r.get(name) for r in group])
         row[baseline] = _mean([r.get(baseline) for r in group])
@@ -158,7 +185,8 @@ def compare_backbones(records: Iterable[dict[str, Any]], metrics: Sequence[str] 
                   if first and r.get(first) is not None and r.get(baseline)]
         row["vs_baseline"] = _mean(ratios)
         rows.append(row)
-    rows.sort(key=lambda r: (r["vs_baseline"] is None, r["vs_baseline"] or 0.0, r["backbone"]))
+    rows.sort(key=lambda r: (r["scale"] != "full", r["scale"], r["vs_baseline"] is None, r["vs_baseline"] or 0.0,
+                             r["backbone"]))
     return rows
 
 
