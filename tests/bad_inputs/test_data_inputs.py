@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_clear_failure
+from .conftest import assert_clear_failure
 from data_formats import truncate, write_calvin_split, write_kalie_folder, write_robopoint_folder
 
 

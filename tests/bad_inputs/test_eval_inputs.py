@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_clear_failure
+from .conftest import assert_clear_failure
 
 from affordvla.tracking.run_record import DECODING_RECORD
 
