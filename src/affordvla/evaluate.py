@@ -59,7 +59,11 @@ def keypoint_settings(model_dir: str | Path, overrides: dict[str, Any] | None = 
     beside an older export); `overrides` that are not None win. A model that records nothing needs `codec`."""
     from omegaconf import OmegaConf
 
-    from affordvla.tracking.run_record import DECODING_RECORD, read_decoding_record, run_decoding_settings
+    from affordvla.tracking.run_record import (
+        DECODING_RECORD,
+        read_decoding_record,
+        run_decoding_settings,
+    )
 
     model_dir = Path(model_dir)
     recorded, source = read_decoding_record(model_dir), model_dir / DECODING_RECORD
