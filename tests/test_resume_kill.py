@@ -4,6 +4,7 @@ run, each resumed run folder naming its parent."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -115,7 +116,7 @@ def test_killed_three_times_and_resumed_equals_uninterrupted(tmp_path, tiny_back
     assert set(reference) == set(range(MAX_STEPS))
     assert {step: reference[step] for step in logged} == logged
     assert len(reference) - len(logged) <= len(kill_steps)
-    for parent, child in zip(run_dirs, run_dirs[1:]):
+    for parent, child in itertools.pairwise(run_dirs):
         info = json.loads((child / "run_info.json").read_text())
         assert info["parent_run_dir"] == str(parent)
         assert info["parent_mlflow_run_id"] == run.info.run_id

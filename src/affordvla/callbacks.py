@@ -117,6 +117,6 @@ class RunLineageCallback(L.Callback):
         lineage = {"run_dir": self.run_dir, "resumed_from": str(trainer.ckpt_path) if trainer.ckpt_path else None}
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:
-                lineage.update(mlflow_run_id=logger.run_id, tracking_uri=logger._tracking_uri,
+                lineage.update(mlflow_run_id=logger.run_id, tracking_uri=logger.experiment.tracking_uri,
                                config_hash=(logger.tags or {}).get("config_hash"))
         checkpoint[LINEAGE_KEY] = lineage

@@ -60,7 +60,11 @@ def keypoint_settings(model_dir: str | Path, overrides: dict[str, Any] | None = 
     beside an older export); `overrides` that are not None win. A model that records nothing needs `codec`."""
     from omegaconf import OmegaConf
 
-    from affordvla.tracking.run_record import DECODING_RECORD, read_decoding_record, run_decoding_settings
+    from affordvla.tracking.run_record import (
+        DECODING_RECORD,
+        read_decoding_record,
+        run_decoding_settings,
+    )
 
     model_dir = Path(model_dir)
     recorded, source = read_decoding_record(model_dir), model_dir / DECODING_RECORD
@@ -226,7 +230,8 @@ def load_policy(model_dir: str | Path, config: Any = None, execution: str = "fir
     from affordvla.rollout import PolicyRunner
 
     model_dir = Path(model_dir)
-    family = _family(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder (an exported policy: <run>/model)")
     if not (model_dir / POLICY_CONFIG).is_file():
         raise ValueError(f"{model_dir} has no {POLICY_CONFIG}: not an exported policy "
                          "(train with module=action_policy)")
@@ -242,7 +247,7 @@ def load_policy(model_dir: str | Path, config: Any = None, execution: str = "fir
         cfg = config if isinstance(config, DictConfig) else OmegaConf.load(config)
         head_config, prefix_lm = cfg.head, cfg.backbone.get("prefix_lm")
     extra = {"prefix_lm": prefix_lm} if prefix_lm is not None else {}
-    backbone = load_backbone(family, str(model_dir), **extra)
+    backbone = load_backbone(_family(model_dir), str(model_dir), **extra)
     module = ActionPolicyModule(backbone, instantiate(head_config), optimizer=None, formulation=policy["formulation"],
                                 latent_tokens=policy["latent_tokens"])
     module.load_exported_head(model_dir)
