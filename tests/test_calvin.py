@@ -60,7 +60,9 @@ def test_steps_past_the_segment_end_repeat_the_last_frame_and_are_masked(split):
 
 
 def test_action_statistics_cover_each_annotated_frame_once(split):
+    before = sorted(p.name for p in split.iterdir())
     stats = CalvinWindowDataset(split, window_size=2, chunk_size=3).action_statistics()
+    assert sorted(p.name for p in split.iterdir()) == before  # no cache folder given: the data is not written to
     values = np.stack([fixture_frame(f)["rel_actions"] for f in [*range(102, 107), *range(113, 117)]])
     assert stats["count"] == 9
     np.testing.assert_allclose(stats["mean"], values.mean(0))

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 
 DEBUG_ENV = "HYDRA_FULL_ERROR"
@@ -36,8 +37,8 @@ def describe(exc: BaseException) -> str:
     does not say what kind of failure it is (a library's TypeError or KeyError)."""
     message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     cause = exc.__cause__ or exc.__context__
-    if not message and cause is not None:
-        return describe(cause)
+    if cause is not None and (not message or isinstance(exc, InstantiationException)):
+        return describe(cause)  # Hydra's wrapper adds the target's call over the error that says what is wrong
     if isinstance(exc, (ValueError, OSError)) and message:  # the project's checks raise these, as sentences
         return message
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

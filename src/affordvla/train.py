@@ -109,8 +109,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "tags": tags, "dataset": datamodule.metadata(), "backbone_source": backbone.source,
             "world_size": trainer.world_size, **resume_record(cfg.get("ckpt_path")),  # a resumed run's parent
         })
+        skipped = datamodule.metadata().get("skipped")  # entries left out under dataset.on_error=skip
         for logger in loggers:
             logger.log_hyperparams(flatten_params(cfg))
+            if isinstance(skipped, int):
+                logger.log_metrics({"data/skipped_entries": float(skipped)}, step=0)
         if loggers:
             for path in run_files.values():
                 log_artifact(trainer, path, "run")

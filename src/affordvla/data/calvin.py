@@ -181,13 +181,14 @@ class CalvinWindowDataset(Dataset):
         """Mean, std, q01 and q99 per action dimension over every annotated frame (each frame once).
 
         Reading every frame's npz takes minutes on a real split, so the result is cached as JSON under a hash of
-        the split's episode and language index files and the action key, in `cache_dir` (default: the split
-        folder). A folder that cannot be written (read-only data) only costs the recomputation."""
+        the split's episode and language index files and the action key, in `cache_dir`. Without one nothing is
+        stored (the split folder is the user's data, never written to); a folder that cannot be written only costs
+        the recomputation."""
         digest = hashlib.sha256(self.action_key.encode())
         for index_file in (self.root / "ep_start_end_ids.npy", self.root / LANG_FILE):
             digest.update(index_file.read_bytes() if index_file.is_file() else b"-")
-        cache = Path(cache_dir or self.root) / f"affordvla_action_stats_{digest.hexdigest()[:16]}.json"
-        if cache.is_file():
+        cache = Path(cache_dir) / f"affordvla_action_stats_{digest.hexdigest()[:16]}.json" if cache_dir else None
+        if cache is not None and cache.is_file():
             return json.loads(cache.read_text())
         frames = sorted({f for seg in self.segments for f in range(seg.start, seg.end + 1)})
         values = np.stack([load_frame(self.root, f, (self.action_key,))[self.action_key] for f in frames])
@@ -195,6 +196,8 @@ class CalvinWindowDataset(Dataset):
                  "mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
                  "q01": np.quantile(values, 0.01, axis=0).tolist(), "q99": np.quantile(values, 0.99, axis=0).tolist(),
                  "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+        if cache is None:
+            return stats
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
