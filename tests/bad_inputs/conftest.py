@@ -56,7 +56,8 @@ def tree_checksum(root: Path) -> dict[str, str]:
 
 class Workspace:
     """A user's machine in miniature: `home` is the folder the command is typed in, `project` the root of the
-    project's output folder (AFFORDVLA_ROOT, so outputs land in `project/outputs`), and `user(...)` folders hold the user's own data, watched by checksum."""
+    project's output folder (AFFORDVLA_ROOT, so outputs land in `project/outputs`), and `user(...)` folders hold
+    the user's own data, watched by checksum."""
 
     def __init__(self, base: Path):
         self.home = base / "home"

@@ -147,7 +147,7 @@ def write_toy_mixture(root: str | Path, names: list[str], train_episodes: int = 
             raise ValueError(f"dataset {name!r} has no spec to write a toy version from; known: {sorted(SPECS)}")
         spec = SPECS[name]
 
-        def write(spec=spec, index=index) -> None:
+        def write(spec=spec, index=index, name=name) -> None:
             episodes = {}
             for split, count, offset in (("train", train_episodes, 0), ("val", val_episodes, 1)):
                 rng = np.random.default_rng([seed, index, offset])
