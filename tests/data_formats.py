@@ -10,6 +10,29 @@ import numpy as np
 from PIL import Image
 
 KALIE_POINTS = ("Grasp Point", "Function Point", "Target Point", "Pre-contact Point", "Post-contact Point")
+# One answer as KALIE's fine-tuning data writes it: json.dumps({name: [sx, sy]}, indent=4) of zero-padded strings
+KALIE_ANSWER_TEXT = """{
+    "Grasp Point": [
+        "397",
+        "093"
+    ],
+    "Function Point": [
+        "500",
+        "250"
+    ],
+    "Target Point": [
+        "640",
+        "410"
+    ],
+    "Pre-contact Point": [
+        "600",
+        "400"
+    ],
+    "Post-contact Point": [
+        "700",
+        "420"
+    ]
+}"""
 
 
 def write_kalie_folder(root: Path, entries: int = 6) -> Path:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from data_formats import KALIE_ANSWER_TEXT
 
 from affordvla.evaluation.actions import action_metrics, mean_baseline_mse
 from affordvla.evaluation.calvin import (
@@ -64,28 +65,7 @@ def test_missing_simulators_are_named():
 
 # ---------------------------------------------------------------------------------------------- KALIE in the evaluator
 # KALIE's answer for these five points, as its fine-tuning data writes it (json.dumps indent 4, zero-padded strings)
-KALIE_ANSWER = """{
-    "Grasp Point": [
-        "397",
-        "093"
-    ],
-    "Function Point": [
-        "500",
-        "250"
-    ],
-    "Target Point": [
-        "640",
-        "410"
-    ],
-    "Pre-contact Point": [
-        "600",
-        "400"
-    ],
-    "Post-contact Point": [
-        "700",
-        "420"
-    ]
-}"""
+KALIE_ANSWER = KALIE_ANSWER_TEXT
 POINTS = np.array([[397, 93], [500, 250], [640, 410], [600, 400], [700, 420]]) / 1000
 
 

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from data_formats import KALIE_ANSWER_TEXT
 
 from affordvla.evaluate import main
 from affordvla.evaluation.kalie_compat import (
@@ -20,29 +21,7 @@ from affordvla.heads.codecs import KalieJsonCodec
 
 NAMES = ("Grasp Point", "Function Point", "Target Point", "Pre-contact Point", "Post-contact Point")
 
-# A label as KALIE's fine-tuning data writes it: json.dumps({name: [sx, sy]}, indent=4), zero-padded strings.
-LABEL = """{
-    "Grasp Point": [
-        "397",
-        "093"
-    ],
-    "Function Point": [
-        "500",
-        "250"
-    ],
-    "Target Point": [
-        "640",
-        "410"
-    ],
-    "Pre-contact Point": [
-        "600",
-        "400"
-    ],
-    "Post-contact Point": [
-        "700",
-        "420"
-    ]
-}"""
+LABEL = KALIE_ANSWER_TEXT  # as KALIE's fine-tuning data writes it
 LABEL_STR = ("Grasp Point: (397, 93), Function Point: (500, 250), Target Point: (640, 410), "
              "Pre-contact Point: (600, 400), Post-contact Point: (700, 420)")
 LABEL_ARRAY = [397, 93, 500, 250, 640, 410, 600, 400, 700, 420]
