@@ -4,6 +4,7 @@ HDF5 caches, and a smoke training run on five datasets."""
 import gc
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,7 +193,8 @@ def test_five_dataset_mixture_trains_at_smoke_scale(tmp_path):
                         tmp_path / "run")
     metrics = train(cfg)
     assert np.isfinite(metrics["val/action_mse"]) and metrics["test/count"] == 2
-    root = tmp_path / "outputs" / "data" / "smoke" / "oxe-mixture-e2"
+    root = Path(cfg.dataset.root)  # the generated folder, named by its settings
+    assert root.parent == tmp_path / "outputs" / "data" / "smoke"
     assert (root / "bridge_orig" / "1.0.0" / "bridge_dataset-train.tfrecord-00000-of-00002").is_file()
     caches = list((tmp_path / "outputs" / "data" / "cache").glob("oxe_*_train_32px_primary_*.h5"))
     assert sorted(p.name.split("_train")[0][4:] for p in caches) == sorted(FIVE)

@@ -11,6 +11,7 @@ import torch
 from conftest import compose_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from affordvla.checkpointing import STATE_NAME
@@ -60,7 +61,13 @@ def test_debug_smoke_fits_every_dataset(tmp_path, dataset):
     assert cfg.dataset.batch_size == 4
     if not dataset.startswith("toy_"):
         assert cfg.dataset.get("generate") is None
-    instantiate(cfg.dataset)  # the constructor takes every key (reads nothing yet)
+    if dataset.startswith("toy_"):
+        instantiate(cfg.dataset)
+        return
+    # the constructor takes every key; the one thing it refuses is the missing data, which it checks first
+    with pytest.raises(InstantiationException, match="does not exist") as failure:
+        instantiate(cfg.dataset)
+    assert isinstance(failure.value.__cause__, FileNotFoundError), failure.value
 
 
 def test_debug_smoke_of_the_toy_action_experiment(tmp_path):

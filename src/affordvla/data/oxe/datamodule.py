@@ -15,6 +15,7 @@ import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
 from affordvla.data.action_datamodule import ActionWindowDataModule
+from affordvla.data.checks import require_dir
 from affordvla.data.h5cache import CacheError, CachedWindowDataset, EpisodeRecord, convert, is_complete
 from affordvla.data.oxe.rlds import RLDSDataset
 from affordvla.data.oxe.specs import resolve_mixture
@@ -132,6 +133,10 @@ class OXEMixtureDataModule(ActionWindowDataModule):
     @staticmethod
     def _check_oxe_name(name: str, root: str) -> None:
         """The mixture's datasets were checked by resolve_mixture; `name` is the mixture's label."""
+
+    def _check_layout(self) -> None:
+        """The data root must be there; each dataset of the mixture is named when it is opened (setup)."""
+        require_dir(self.root, "dataset.root", "an Open X-Embodiment data root holding the mixture's RLDS datasets")
 
     def _source(self, name: str, split: str) -> str:
         return json.dumps({"root": str(self.root.resolve()), "dataset": name, "split": self.split_names[split],
