@@ -91,8 +91,10 @@ class KeypointDataModule(L.LightningDataModule, abc.ABC):
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int, sampler_seed: int,
                  max_val_samples: int | None, cache_dir: str | None, validate_images: bool = True,
-                 validate_sample: int | None = None):
+                 validate_sample: int | None = None, on_error: str = "raise"):
         super().__init__()
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"dataset.on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
         if validate_sample is not None and validate_sample < 1:
             raise ValueError(f"dataset.validate_sample must be a positive number of images or null (all), got "
                              f"{validate_sample}")
@@ -221,9 +223,7 @@ class KalieDataModule(KeypointDataModule):
         validate_sample: int | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir,
-                         validate_images, validate_sample)
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"dataset.on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
+                         validate_images, validate_sample, on_error)
         if max_train_samples is not None and max_train_samples < 1:
             raise ValueError(f"max_train_samples must be a positive number of originals, got {max_train_samples}")
         # KALIE's "10 vs 50 originals" ablation: a seeded subset of the original training entries; synthetic

@@ -113,9 +113,7 @@ class RoboPointDataModule(KeypointDataModule):
         validate_sample: int | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, sampler_seed, max_val_samples, cache_dir,
-                         validate_images, validate_sample)
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"dataset.on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
+                         validate_images, validate_sample, on_error)
         # before any work: generated data only into its own folder, a user's files only read and of the layout
         if generate is not None:
             if root is None:
