@@ -190,9 +190,12 @@ class PolicyModule(L.LightningModule, abc.ABC):
 
     def __init__(self, backbone: VLMBackbone, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None, part_lr: dict[str, float] | None = None,
-                 freeze: list[str] | None = None, head_lr: float | None = None):
+                 freeze: list[str] | None = None, head_lr: float | None = None,
+                 callbacks: Mapping[str, L.Callback | None] | None = None):
         super().__init__()
         self.backbone = backbone
+        # the callbacks this kind of policy reports through (overlays, action traces), from its module config
+        self.kind_callbacks = {name: cb for name, cb in (callbacks or {}).items() if cb is not None}
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.part_lr, self.head_lr = dict(part_lr or {}), head_lr
         if freeze:
@@ -217,6 +220,10 @@ class PolicyModule(L.LightningModule, abc.ABC):
                 datamodule.collate = self.make_collate()
             datamodule.setup(stage)
             self.configure_from_metadata(datamodule.metadata())
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Lightning adds these to the trainer's own callbacks when the module is fitted or tested
+        return list(self.kind_callbacks.values())
 
     def on_fit_start(self) -> None:
         self.backbone.train()  # from_pretrained leaves models in eval mode

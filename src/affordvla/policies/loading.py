@@ -7,17 +7,17 @@ files imply; anything else is refused with what was found and what was expected.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from affordvla.policies.actions import load_action_policy
 from affordvla.policies.base import FORMAT_VERSION, POLICY_FILE, Policy, PolicyFormatError
-from affordvla.policies.keypoints import load_keypoint_policy
 
-LOADERS = {"keypoints": load_keypoint_policy, "actions": load_action_policy}
+# each kind's package (affordvla.policies.<package>) offers `load(export_dir, record) -> Policy`
+LOADERS = {"keypoints": "keypoints", "actions": "actions"}
 # version-0 exports: the file each kind wrote beside the backbone
 LEGACY_FILES = {"keypoint_head.json": "keypoints", "decoding.json": "keypoints"}
 
@@ -56,5 +56,6 @@ def load_policy(export_dir: str | Path, *, device: str | torch.device | None = N
     """The exported policy in `export_dir`, in eval mode, on `device` (default: where it loads, the CPU)."""
     export_dir = Path(export_dir)
     record = read_policy_record(export_dir)
-    policy = LOADERS[record["kind"]](export_dir, record)
+    package = importlib.import_module(f"affordvla.policies.{LOADERS[record['kind']]}")
+    policy = package.load(export_dir, record)
     return policy.to(device) if device is not None else policy
