@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ class ActionWindowDataModule(L.LightningDataModule):
         if source == "oxe":
             self._check_oxe_name(name, root)  # here, before the backbone is built
         self.source, self.root, self.name = source, Path(root), name
+        # the policy module may hand its own batch layout; windows are collated as they are otherwise
+        self.collate: Callable[[list[ActionWindowSample]], Any] | None = None
         self.split_names = {"train": train_split, "val": val_split}
         self.window_size, self.chunk_size = window_size, chunk_size
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -255,11 +258,11 @@ class ActionWindowDataModule(L.LightningDataModule):
         done = (lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else (lambda: 0)
         sampler = StepResumableSampler(len(self.splits["train"]), self.batch_size, self.seed, done)
         return DataLoader(self.splits["train"], batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=collate_action_windows, num_workers=self.num_workers)
+                          collate_fn=self.collate or collate_action_windows, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], batch_size=self.batch_size, shuffle=False,
-                          collate_fn=collate_action_windows, num_workers=self.num_workers)
+                          collate_fn=self.collate or collate_action_windows, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         # CALVIN and the OXE datasets have no separate test split: offline figures are on the validation split
