@@ -108,9 +108,9 @@ def keypoint_head_and_batch(backbone, codec: str = "robopoint"):
     """A keypoint-text head bound to `backbone` and a fixed batch of four generated scenes (seed 5, 32 px)."""
     from affordvla.data.kalie_tasks import TASKS
     from affordvla.data.sample import KeypointSample
-    from affordvla.data.tabletop import make_scenes
     from affordvla.heads.keypoint_text import KeypointTextHead
     from affordvla.module import KeypointBatchCollator
+    from affordvla.offline.tabletop import make_scenes
 
     head = KeypointTextHead(codec=codec)
     head.bind(backbone)

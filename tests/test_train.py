@@ -164,7 +164,7 @@ def test_a_kalie_dataset_on_disk_trains_with_kalies_augmentation(tmp_path, tiny_
     from affordvla.data.kalie import write_kalie_dataset
     from affordvla.data.kalie_tasks import TASKS
     from affordvla.data.sample import KALIE_POINT_NAMES
-    from affordvla.data.tabletop import make_scenes
+    from affordvla.offline.tabletop import make_scenes
 
     items = [(s.image, {n: [round(v * 1000) for v in p] for n, p in zip(KALIE_POINT_NAMES, s.keypoints)},
               {"task": TASKS[s.task].instruction, "objects": list(TASKS[s.task].objects)})

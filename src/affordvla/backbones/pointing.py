@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.tabletop import Scene, make_scenes
+from affordvla.offline.tabletop import Scene, make_scenes
 
 log = logging.getLogger(__name__)
 PRETRAIN_SEED = 10_007  # scene stream of the pre-training corpus; dataset splits use other streams
@@ -315,11 +315,11 @@ def _warmup_cosine(steps: int, warmup: int):
 def tiny_writer(family: str):
     """The family's offline tiny checkpoint writer (imported on use: each pulls in its own model classes)."""
     if family == "paligemma":
-        from affordvla.backbones.paligemma.tiny import write_tiny_paligemma as writer
+        from affordvla.offline.tiny_paligemma import write_tiny_paligemma as writer
     elif family == "llava":
-        from affordvla.backbones.llava.tiny import write_tiny_llava as writer
+        from affordvla.offline.tiny_llava import write_tiny_llava as writer
     elif family == "cogvlm":
-        from affordvla.backbones.cogvlm.tiny import write_tiny_cogvlm as writer
+        from affordvla.offline.tiny_cogvlm import write_tiny_cogvlm as writer
     else:
         raise ValueError(f"no tiny {family!r} checkpoint; valid families: {sorted(NATIVE_CODECS)}")
     return writer

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
 from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.sample import KeypointSample
-from affordvla.data.tabletop import make_scenes
 from affordvla.heads.keypoint_text import KeypointTextHead
 from affordvla.module import AffordVLAModule
+from affordvla.offline.tabletop import make_scenes
 from affordvla.optim import warmup_cosine
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.checks import require_dir, require_file, unreadable_images
-from affordvla.data.generated import check_generated_root, settings_of
-from affordvla.data.kalie import JSON_NAME, ON_ERROR_CHOICES
+from affordvla.data.generated import check_generator
+from affordvla.data.kalie import JSON_NAME, ON_ERROR_CHOICES, SPLITS_FILE
 from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie import (
     KalieFormatError,
@@ -31,7 +31,6 @@ from affordvla.data.kalie import (
 from affordvla.data.kalie_augment import KalieAugmentation, centre_crop
 from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.data.sampling import StepResumableSampler
-from affordvla.data.toy_kalie import SPLITS_FILE, ensure_toy_kalie
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +195,8 @@ class KeypointDataModule(L.LightningDataModule, abc.ABC):
 
 class KalieDataModule(KeypointDataModule):
     """KALIE's JSON datasets: on disk (checked when built), or generated on first use into a folder named by
-    `generate` (data/toy_kalie.py)."""
+    the settings of `generate`, the generator (e.g. `affordvla.offline.toy_kalie.ensure_toy_kalie`) called as
+    `generate(root)`."""
 
     points_per_sample = len(KALIE_POINT_NAMES)
     format_error = KalieFormatError
@@ -205,7 +205,7 @@ class KalieDataModule(KeypointDataModule):
         self,
         root: str,
         name: str = "kalie",
-        generate: dict[str, Any] | None = None,
+        generate: Callable[..., Any] | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
@@ -235,7 +235,7 @@ class KalieDataModule(KeypointDataModule):
         self.generate = generate
         # before any work: generated data only into its own folder, a user's folder only read and of KALIE's layout
         if generate is not None:
-            check_generated_root(self.root, "kalie", generate, settings_of(ensure_toy_kalie))
+            check_generator(self.root, "kalie", generate)
         else:
             require_dir(self.root, "dataset.root", f"a KALIE dataset folder: imgs/ and {JSON_NAME}")
             require_file(self.root / JSON_NAME, "dataset.root", f"KALIE's index {JSON_NAME} (KALIE's layout: "
@@ -251,7 +251,7 @@ class KalieDataModule(KeypointDataModule):
 
     def prepare_data(self) -> None:
         if self.generate is not None:
-            ensure_toy_kalie(self.root, **self.generate)
+            self.generate(self.root)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
