@@ -106,9 +106,9 @@ def smoke_overrides(tmp_path, tiny_backbone_dir) -> list[str]:
 
 def keypoint_head_and_batch(backbone, codec: str = "robopoint"):
     """A keypoint-text head bound to `backbone` and a fixed batch of four generated scenes (seed 5, 32 px)."""
-    from affordvla.data.kalie_tasks import TASKS
-    from affordvla.data.sample import KeypointSample
     from affordvla.data.tabletop import make_scenes
+    from affordvla.formats.kalie_tasks import TASKS
+    from affordvla.formats.sample import KeypointSample
     from affordvla.heads.keypoint_text import KeypointTextHead
     from affordvla.module import KeypointBatchCollator
 

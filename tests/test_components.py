@@ -19,9 +19,9 @@ from affordvla.backbones.paligemma.tiny import (
     sincos_2d,
 )
 from affordvla.checkpointing import load_state_dict, save_state_dict
-from affordvla.data.sample import KeypointSample
 from affordvla.data.sampling import StepResumableSampler
 from affordvla.evaluation.keypoints import UNPARSED_L2, KeypointEvaluator
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_text import KeypointTextHead
 from affordvla.optim import warmup_cosine
 

@@ -17,13 +17,8 @@ from affordvla.backbones.llava.tiny import build_tokenizer as llama_tokenizer
 from affordvla.backbones.llava.tiny import write_tiny_llava
 from affordvla.backbones.paligemma.tiny import build_tokenizer as gemma_tokenizer
 from affordvla.backbones.paligemma.tiny import write_tiny_paligemma
-from affordvla.data.sample import KeypointSample
-from affordvla.heads.codecs import (
-    KalieJsonCodec,
-    PaliGemmaLocCodec,
-    RoboPointTupleCodec,
-    make_codec,
-)
+from affordvla.formats.codecs import KalieJsonCodec, PaliGemmaLocCodec, RoboPointTupleCodec, make_codec
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.constrained import (
     CharAutomaton,
     TokenConstraint,

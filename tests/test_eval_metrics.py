@@ -70,7 +70,7 @@ POINTS = np.array([[397, 93], [500, 250], [640, 410], [600, 400], [700, 420]]) /
 
 
 def _sample():
-    from affordvla.data.sample import KeypointSample
+    from affordvla.formats.sample import KeypointSample
 
     return KeypointSample(np.zeros((4, 4, 3), np.uint8), "Sweep the trash off the table with the brush.", POINTS)
 

@@ -17,7 +17,7 @@ from affordvla.evaluation.kalie_compat import (
     compat_errors,
     kalie_corrected_scores,
 )
-from affordvla.heads.codecs import KalieJsonCodec
+from affordvla.formats.codecs import KalieJsonCodec
 
 NAMES = ("Grasp Point", "Function Point", "Target Point", "Pre-contact Point", "Post-contact Point")
 

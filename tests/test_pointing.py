@@ -219,7 +219,7 @@ def test_each_shipped_checkpoint_points_at_objects_it_has_never_seen(family):
 
     from affordvla.backbones.pointing import NATIVE_CODECS, RECORD_FILE, SHIPPED_DIR, _pixels, object_centres
     from affordvla.data.tabletop import make_scenes
-    from affordvla.heads.codecs import make_codec
+    from affordvla.formats.codecs import make_codec
 
     (shipped,) = [path for path in SHIPPED_DIR.iterdir() if path.name.startswith(f"{family}-tiny-")]
     recorded = json.loads((shipped / RECORD_FILE).read_text())["text_error"]

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.tabletop import Scene, make_scenes
+from affordvla.formats.kalie_tasks import TASKS
 
 log = logging.getLogger(__name__)
 PRETRAIN_SEED = 10_007  # scene stream of the pre-training corpus; dataset splits use other streams
@@ -216,7 +216,7 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
 
     This is the generic referring/pointing skill a real VLM brings from pre-training; the KALIE keypoints
     themselves (task-specific contact points and waypoints) are left for fine-tuning."""
-    from affordvla.heads.codecs import make_codec
+    from affordvla.formats.codecs import make_codec
 
     codec = make_codec(NATIVE_CODECS[backbone.family], point_names=("point",))
     if hasattr(backbone, "prefix_lm"):

@@ -11,7 +11,7 @@ from tokenizers.trainers import BpeTrainer
 
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
-from affordvla.data.kalie_tasks import TASKS, kalie_prompt
+from affordvla.formats.kalie_tasks import TASKS, kalie_prompt
 
 _COMMON = (
     "the a an of to and in on with from for is are be this that it its at by as or not what where which "

@@ -60,9 +60,9 @@ class LiveTensorMemory(TorchDispatchMode):
 
 
 def _batch(backbone, head, batch_size: int):
-    from affordvla.data.kalie_tasks import TASKS
-    from affordvla.data.sample import KeypointSample
     from affordvla.data.tabletop import make_scenes
+    from affordvla.formats.kalie_tasks import TASKS
+    from affordvla.formats.sample import KeypointSample
     from affordvla.module import KeypointBatchCollator
 
     samples = [KeypointSample(image=s.image, instruction=TASKS[s.task].instruction, keypoints=s.keypoints,

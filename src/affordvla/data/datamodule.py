@@ -20,18 +20,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.checks import require_dir, require_file, unreadable_images
 from affordvla.data.generated import check_generated_root, settings_of
-from affordvla.data.kalie import JSON_NAME, ON_ERROR_CHOICES
-from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie import (
+    JSON_NAME,
+    ON_ERROR_CHOICES,
     KalieFormatError,
     kalie_split,
     load_kalie_sample,
     read_kalie_index,
 )
+from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie_augment import KalieAugmentation, centre_crop
-from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.data.sampling import StepResumableSampler
 from affordvla.data.toy_kalie import SPLITS_FILE, ensure_toy_kalie
+from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from affordvla.data.kalie_tasks import TASKS, task_for_instruction
-from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
+from affordvla.formats.kalie_tasks import TASKS, task_for_instruction
+from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
 
 logger = logging.getLogger(__name__)
 

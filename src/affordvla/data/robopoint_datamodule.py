@@ -35,9 +35,8 @@ from affordvla.data.robopoint import (
     point_names,
     read_conversations,
 )
-from affordvla.data.sample import KeypointSample
 from affordvla.data.toy_robopoint import ensure_toy_robopoint
-from affordvla.evaluation.keypoints import POINT_SET
+from affordvla.formats.sample import POINT_SET, KeypointSample
 
 log = logging.getLogger(__name__)
 _BOX = re.compile(r"\(\s*[\d.]+(\s*,\s*[\d.]+){3}\s*\)")  # the rule pointing_samples counts boxes by

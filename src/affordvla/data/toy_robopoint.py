@@ -29,7 +29,6 @@ from PIL import Image
 from scipy import ndimage
 
 from affordvla.data.generated import check_inside
-from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.robopoint import (
     ROBOPOINT_ANSWER_SUFFIX,
     point_entry,
@@ -37,6 +36,7 @@ from affordvla.data.robopoint import (
     write_where2place,
 )
 from affordvla.data.tabletop import make_scene
+from affordvla.formats.kalie_tasks import TASKS
 from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)

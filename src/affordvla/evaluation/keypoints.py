@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.evaluation.kalie_compat import KalieCompatScorer, corrected_metrics, kalie_corrected_scores
-from affordvla.heads.codecs import KalieJsonCodec
+from affordvla.formats.codecs import KalieJsonCodec
+from affordvla.formats.sample import KALIE_POINT_NAMES, POINT_SET, KeypointSample
 
 # An answer that does not parse scores the largest distance inside the image, so failures never look good.
 UNPARSED_L2 = math.sqrt(2.0)
-POINT_SET = "point_set"  # the sample meta flag for unordered, variable-count targets
 
 
 def nearest_distances(points: np.ndarray, others: np.ndarray) -> np.ndarray:
