@@ -20,9 +20,9 @@ from affordvla.backbones.paligemma.tiny import (
 )
 from affordvla.checkpointing import load_state_dict, save_state_dict
 from affordvla.data.sampling import StepResumableSampler
-from affordvla.evaluation.keypoints import UNPARSED_L2, KeypointEvaluator
 from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_text import KeypointTextHead
+from affordvla.metrics.keypoints import UNPARSED_L2, KeypointEvaluator
 from affordvla.optim import warmup_cosine
 
 

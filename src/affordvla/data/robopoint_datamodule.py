@@ -6,7 +6,7 @@ the index keeps only the parsed answers and opens an image when its sample is fi
 turns needs no image in memory at setup.
 
 Answers hold any number of unordered points in a target region, so samples carry `meta["point_set"] = True` and
-the evaluator scores them as point sets (evaluation/keypoints.py). Pair with `head.codec=robopoint`, the codec
+the evaluator scores them as point sets (metrics/keypoints.py). Pair with `head.codec=robopoint`, the codec
 that writes and reads any number of points.
 
 RoboPoint ships one training file: KALIE's seeded 80/20 rule is drawn over *images*, so the questions about one
