@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from affordvla.train import CONFIG_DIR
+from affordvla.paths import CONFIG_DIR
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf, open_dict
 
-from affordvla.train import CONFIG_DIR
+from affordvla.paths import CONFIG_DIR
 
 GROUPS = ["paths", "backbone", "head", "module", "dataset", "synthesis", "trainer", "logger", "callbacks", "hydra",
           "experiment", "debug", "scale"]

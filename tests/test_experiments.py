@@ -13,7 +13,7 @@ import yaml
 from conftest import compose_train
 from omegaconf import OmegaConf, open_dict
 
-from affordvla.train import CONFIG_DIR
+from affordvla.paths import CONFIG_DIR
 
 REPO = Path(CONFIG_DIR).parent
 EXPERIMENTS = REPO / "experiments"

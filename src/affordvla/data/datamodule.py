@@ -22,6 +22,7 @@ from affordvla.data.checks import require_dir, require_file, unreadable_images
 from affordvla.data.generated import check_generated_root, settings_of
 from affordvla.data.kalie import (
     JSON_NAME,
+    MANIFEST,
     ON_ERROR_CHOICES,
     KalieFormatError,
     kalie_split,
@@ -310,8 +311,6 @@ def original_subset(root: Path, train_keys: list[str], count: int, seed: int) ->
     it came from, so an original and its variants form one group and a subset never keeps a variant without its
     original; in any other dataset every entry is its own original. The draw is over the sorted group names, so
     it depends only on which originals exist and the seed, not on file order or on how many variants each has."""
-    from affordvla.synthesis.writer import MANIFEST
-
     manifest = root / MANIFEST
     origin = {key: key for key in train_keys}
     if manifest.is_file():

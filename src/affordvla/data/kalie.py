@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 JSON_NAME = "data_jsonformat.json"
 STR_NAME = "data_strformat.json"
 IMG_DIR = "imgs"
+MANIFEST = "manifest.json"  # the synthesis stage writes it last: a synthesised dataset, complete
 SCALE = 1000  # KALIE's keypoint scale: ints in [0, SCALE]
 ON_ERROR_CHOICES = ("raise", "skip")
 

@@ -26,6 +26,7 @@ from PIL import Image
 from affordvla.data.kalie import (
     IMG_DIR,
     JSON_NAME,
+    MANIFEST,
     STR_NAME,
     KalieFormatError,
     parse_points_string,
@@ -37,7 +38,6 @@ from affordvla.data.toy_kalie import SPLITS_FILE
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".synthesis"
-MANIFEST = "manifest.json"
 PREVIEW = "preview.png"
 MASK_DIR = "masks"
 _TMP_SUFFIX = ".tmp"

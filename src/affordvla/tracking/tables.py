@@ -221,7 +221,7 @@ def current_hash(spec: TableSpec, row: Row, overrides: list[str]) -> str:
 
     import affordvla.resolvers  # noqa: F401  (${project_root:})
     from affordvla.tracking.run_record import config_hash
-    from affordvla.train import CONFIG_DIR
+    from affordvla.paths import CONFIG_DIR
 
     where = f"{spec.path}: row {row.name!r}"
     GlobalHydra.instance().clear()
