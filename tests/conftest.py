@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from affordvla.paths import CONFIG_DIR
+from affordvla.train import CONFIG_DIR
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -65,7 +65,7 @@ if SEED_OFFSET:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A tiny PaliGemma with a few steps of the dense pointing stage (fast; learning is tested elsewhere)."""
-    from affordvla.backbones.pointing import build_pointing_backbone
+    from affordvla.pretraining.pointing import build_pointing_backbone
 
     out = tmp_path_factory.mktemp("backbones") / "paligemma-tiny"
     return build_pointing_backbone(out, steps=3, corpus_size=16, eval_size=4, batch_size=4, scene_size=64,

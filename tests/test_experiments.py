@@ -13,7 +13,7 @@ import yaml
 from conftest import compose_train
 from omegaconf import OmegaConf, open_dict
 
-from affordvla.paths import CONFIG_DIR
+from affordvla.train import CONFIG_DIR
 
 REPO = Path(CONFIG_DIR).parent
 EXPERIMENTS = REPO / "experiments"
@@ -197,7 +197,8 @@ def test_every_cell_trains_at_smoke_scale_and_logs_its_columns(tmp_path):
 
     # every table renders from those runs: each row found, up to date (same config hash), its measured values and
     # published numbers side by side
-    from affordvla.tracking.tables import OK, REFERENCE, build_table
+    from affordvla.tables import build_table
+    from affordvla.tracking.tables import OK, REFERENCE
 
     for table in TABLES:
         spec, cells, files = build_table(EXPERIMENTS / table, scale="smoke",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import compose_train
 
-from affordvla.paths import CONFIG_DIR
 from affordvla.preflight import check_options
+from affordvla.train import CONFIG_DIR
 
 GROUPS = ("backbone", "head", "module", "dataset", "trainer", "logger", "callbacks", "experiment", "scale", "debug")
 

@@ -16,7 +16,6 @@ from hydra.utils import instantiate
 
 from affordvla.checkpointing import STATE_NAME
 from affordvla.evaluate import keypoint_settings
-from affordvla.paths import CONFIG_DIR
 from affordvla.tracking.run_record import (
     DECODING_RECORD,
     LINEAGE_KEY,
@@ -27,6 +26,7 @@ from affordvla.tracking.run_record import (
     run_decoding_settings,
     run_tags,
 )
+from affordvla.train import CONFIG_DIR
 
 DATASETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml"))
 

@@ -41,7 +41,7 @@ def test_generated_folder_with_a_users_file_is_not_written(workspace):
     """A user's file inside the project's generated folder: the generator does not write around it."""
     from hydra import compose, initialize_config_dir
 
-    from affordvla.paths import CONFIG_DIR
+    from affordvla.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["debug=smoke", f"paths.root_dir={workspace.project}"])

@@ -63,7 +63,7 @@ def test_the_path_check_takes_well_under_15_seconds(tmp_path):
 
     from affordvla.backbones.base import BackboneLoadError
     from affordvla.preflight import check_run_config
-    from affordvla.paths import CONFIG_DIR
+    from affordvla.train import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from affordvla.backbones.pointing import NATIVE_CODECS, tiny_writer
+from affordvla.pretraining.pointing import NATIVE_CODECS, tiny_writer
 
 FAMILIES = ("paligemma", "llava", "cogvlm")
 LORA = {"rank": 8, "alpha": 16, "dropout": 0.0}
