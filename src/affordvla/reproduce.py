@@ -33,8 +33,8 @@ from affordvla.tables import stream_process
 from affordvla.tracking.reproduce import (
     ReproduceError,
     RerunFailed,
-    existing_store,
     compare_runs,
+    existing_store,
     find_run_by_name,
     get_run,
     logged_config,
