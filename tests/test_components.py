@@ -12,9 +12,8 @@ from affordvla.backbones.base import IGNORE_INDEX, BackboneLoadError
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
 from affordvla.checkpointing import load_state_dict, save_state_dict
-from affordvla.data.sample import KeypointSample
 from affordvla.data.sampling import StepResumableSampler
-from affordvla.evaluation.keypoints import UNPARSED_L2, KeypointEvaluator
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_text import KeypointTextHead
 from affordvla.offline.tiny_llava import write_tiny_llava
 from affordvla.offline.tiny_paligemma import (
@@ -23,6 +22,7 @@ from affordvla.offline.tiny_paligemma import (
     build_tokenizer,
     sincos_2d,
 )
+from affordvla.metrics.keypoints import UNPARSED_L2, KeypointEvaluator
 from affordvla.optim import warmup_cosine
 
 

@@ -75,7 +75,7 @@ def test_robopoint_datamodule_generates_on_first_use(tmp_path):
 
 def test_where2place_callback_scores_perfect_and_empty_answers(toy_robopoint):
     from affordvla.evaluation.benchmark_callbacks import Where2PlaceCallback
-    from affordvla.heads.codecs import make_codec
+    from affordvla.formats.codecs import make_codec
 
     class Head:
         codec = make_codec("robopoint")

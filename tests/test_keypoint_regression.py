@@ -8,14 +8,14 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import assert_learned, fell_by
 
 from affordvla.backbones.factory import load_backbone
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KeypointSample
 from affordvla.offline.tabletop import make_scenes
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_regression import KeypointRegressionHead
 from affordvla.module import AffordVLAModule, KeypointRegressionModule
-from conftest import assert_learned, fell_by
 
 TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "vision_layers": 1, "text_layers": 1,
         "intermediate_size": 128}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from affordvla.distributed import (
 )
 from affordvla.export import build_module, write_export
 from affordvla.policies import PolicyModule
+from affordvla.paths import CONFIG_DIR
 from affordvla.preflight import check_run_config
 from affordvla.synthesis.pipeline import apply_synthesis
 from affordvla.tracking.run_record import (
@@ -41,7 +41,6 @@ from affordvla.tracking.run_record import (
 )
 
 log = logging.getLogger("affordvla.train")
-CONFIG_DIR = os.environ.get("AFFORDVLA_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
 
 def _instantiate_group(group: DictConfig | None, **kwargs) -> list[Any]:

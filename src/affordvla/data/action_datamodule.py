@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from affordvla.data.calvin import LANG_FILE
 from affordvla.data.checks import require_dir, require_file
 from affordvla.data.generated import check_generator
-from affordvla.data.sample import ActionWindowSample
 from affordvla.data.sampling import StepResumableSampler
+from affordvla.formats.sample import ActionWindowSample
 
 log = logging.getLogger(__name__)
 SOURCES = ("calvin", "oxe", "rlbench")

@@ -20,17 +20,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.checks import require_dir, require_file, unreadable_images
 from affordvla.data.generated import check_generator
-from affordvla.data.kalie import JSON_NAME, ON_ERROR_CHOICES, SPLITS_FILE
-from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie import (
+    JSON_NAME,
+    MANIFEST,
+    ON_ERROR_CHOICES,
+    SPLITS_FILE,
     KalieFormatError,
     kalie_split,
     load_kalie_sample,
     read_kalie_index,
 )
+from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie_augment import KalieAugmentation, centre_crop
-from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.data.sampling import StepResumableSampler
+from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +314,6 @@ def original_subset(root: Path, train_keys: list[str], count: int, seed: int) ->
     it came from, so an original and its variants form one group and a subset never keeps a variant without its
     original; in any other dataset every entry is its own original. The draw is over the sorted group names, so
     it depends only on which originals exist and the seed, not on file order or on how many variants each has."""
-    from affordvla.synthesis.writer import MANIFEST
-
     manifest = root / MANIFEST
     origin = {key: key for key in train_keys}
     if manifest.is_file():

@@ -6,7 +6,7 @@ the index keeps only the parsed answers and opens an image when its sample is fi
 turns needs no image in memory at setup.
 
 Answers hold any number of unordered points in a target region, so samples carry `meta["point_set"] = True` and
-the evaluator scores them as point sets (evaluation/keypoints.py). Pair with `head.codec=robopoint`, the codec
+the evaluator scores them as point sets (metrics/keypoints.py). Pair with `head.codec=robopoint`, the codec
 that writes and reads any number of points.
 
 RoboPoint ships one training file: KALIE's seeded 80/20 rule is drawn over *images*, so the questions about one
@@ -36,8 +36,7 @@ from affordvla.data.robopoint import (
     point_names,
     read_conversations,
 )
-from affordvla.data.sample import KeypointSample
-from affordvla.evaluation.keypoints import POINT_SET
+from affordvla.formats.sample import POINT_SET, KeypointSample
 
 log = logging.getLogger(__name__)
 _BOX = re.compile(r"\(\s*[\d.]+(\s*,\s*[\d.]+){3}\s*\)")  # the rule pointing_samples counts boxes by

@@ -29,15 +29,15 @@ from PIL import Image
 from scipy import ndimage
 
 from affordvla.data.generated import check_inside
-from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.robopoint import (
     ROBOPOINT_ANSWER_SUFFIX,
     point_entry,
     write_conversations,
     write_where2place,
 )
-from affordvla.locking import write_once
 from affordvla.offline.tabletop import make_scene
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)
 GENERATOR = "affordvla.toy_robopoint/1"

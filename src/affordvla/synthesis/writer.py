@@ -27,6 +27,7 @@ from affordvla.data.kalie import (
     IMG_DIR,
     JSON_NAME,
     SPLITS_FILE,
+    MANIFEST,
     STR_NAME,
     KalieFormatError,
     parse_points_string,
@@ -37,7 +38,6 @@ from affordvla.data.kalie import (
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".synthesis"
-MANIFEST = "manifest.json"
 PREVIEW = "preview.png"
 MASK_DIR = "masks"
 _TMP_SUFFIX = ".tmp"

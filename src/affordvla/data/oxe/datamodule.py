@@ -16,10 +16,10 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from affordvla.data.action_datamodule import ActionWindowDataModule
 from affordvla.data.checks import require_dir
-from affordvla.data.h5cache import CacheError, CachedWindowDataset, EpisodeRecord, convert, is_complete
+from affordvla.data.h5cache import CachedWindowDataset, CacheError, EpisodeRecord, convert, is_complete
 from affordvla.data.oxe.rlds import RLDSDataset
 from affordvla.data.oxe.specs import resolve_mixture
-from affordvla.data.sample import ActionWindowSample
+from affordvla.formats.sample import ActionWindowSample
 
 log = logging.getLogger(__name__)
 BOUNDS_EPS = 1e-8  # OpenVLA's BOUNDS_Q99 denominator guard
