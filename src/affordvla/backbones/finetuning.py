@@ -114,7 +114,8 @@ def quantization_kwargs(quantization: str | None) -> dict[str, Any]:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError(f"quantization={quantization} needs the bitsandbytes package: pip install bitsandbytes") from None
+        raise ValueError(f"quantization={quantization} needs the bitsandbytes package: "
+                         "pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":

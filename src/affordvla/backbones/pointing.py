@@ -38,8 +38,8 @@ OBJECT_NAMES = sorted({name for task in TASKS.values() for name in task.objects}
 TASK_NAMES = sorted(TASKS)
 # Each family's answer format for points, as its anchor project writes them (and the text stage trains).
 NATIVE_CODECS = {"paligemma": "paligemma_loc", "llava": "robopoint", "cogvlm": "kalie_json"}
-# Checkpoints this stage built with long recipes (half an hour of CPU), shipped with the package. A build whose directory
-# name (which records the recipe) matches one of them copies it instead of training.
+# Checkpoints this stage built with long recipes (half an hour of CPU), shipped with the package. A build whose
+# directory name (which records the recipe) matches one of them copies it instead of training.
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "checkpoints"
 RECORD_FILE = "pointing_pretraining.json"  # the recipe and figures of the stage, written into the checkpoint
 

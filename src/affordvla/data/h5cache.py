@@ -300,7 +300,8 @@ class KeypointCache:
             self._file = h5py.File(self.path, "r")
         entry = self._file["samples"][key.replace("/", "_")]
         return KeypointSample(image=entry["image"][()], instruction=str(entry.attrs["instruction"]),
-                              keypoints=entry["keypoints"][()], point_names=tuple(json.loads(entry.attrs["point_names"])),
+                              keypoints=entry["keypoints"][()],
+                              point_names=tuple(json.loads(entry.attrs["point_names"])),
                               task=str(entry.attrs["task"]), objects=json.loads(entry.attrs["objects"]),
                               meta=json.loads(entry.attrs["meta"]))
 

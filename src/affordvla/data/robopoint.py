@@ -117,7 +117,8 @@ def pointing_samples(json_path: str | Path, image_dir: str | Path) -> tuple[list
         samples.append(KeypointSample(
             image=load_image(turn.image_path, where), instruction=turn.question, keypoints=points,
             point_names=point_names(len(points)), task="robopoint",
-            meta={"source": str(json_path), "entry": f"{turn.entry_id}#{turn.turn}", "image_path": str(turn.image_path)},
+            meta={"source": str(json_path), "entry": f"{turn.entry_id}#{turn.turn}",
+                  "image_path": str(turn.image_path)},
         ))
     return samples, left_out
 

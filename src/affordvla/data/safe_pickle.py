@@ -85,7 +85,8 @@ def load_object_npy(path: str | Path, **kwargs) -> Any:
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise pickle.UnpicklingError(f"{path}: corrupt or truncated pickled array ({type(exc).__name__}: {exc})") from None
+        raise pickle.UnpicklingError(
+            f"{path}: corrupt or truncated pickled array ({type(exc).__name__}: {exc})") from None
     if isinstance(array, np.ndarray) and array.shape == () and shape == ():
         return array.item()
     return array

@@ -108,4 +108,5 @@ class Where2PlaceCallback(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         log_artifact(trainer, path, "benchmarks")
-        log.info("Where2Place (%s, %s): %s", self.root, self.mode, json.dumps({k: round(v, 3) for k, v in metrics.items()}))
+        log.info("Where2Place (%s, %s): %s", self.root, self.mode,
+                 json.dumps({k: round(v, 3) for k, v in metrics.items()}))

@@ -66,10 +66,12 @@ def _projector(state: dict[str, torch.Tensor], kind: str, src: Path) -> tuple[di
     if kind == "linear":
         weight, bias = state["model.mm_projector.weight"], state["model.mm_projector.bias"]
         hidden = weight.shape[0]  # a linear projector = linear_1, identity activation, identity linear_2
-        return {"linear_1.weight": weight, "linear_1.bias": bias, "linear_2.weight": torch.eye(hidden, dtype=weight.dtype),
+        return {"linear_1.weight": weight, "linear_1.bias": bias,
+                "linear_2.weight": torch.eye(hidden, dtype=weight.dtype),
                 "linear_2.bias": torch.zeros(hidden, dtype=weight.dtype)}, "linear"
     if re.fullmatch(r"mlp2x_gelu", kind):
-        return {"linear_1.weight": state["model.mm_projector.0.weight"], "linear_1.bias": state["model.mm_projector.0.bias"],
+        return {"linear_1.weight": state["model.mm_projector.0.weight"],
+                "linear_1.bias": state["model.mm_projector.0.bias"],
                 "linear_2.weight": state["model.mm_projector.2.weight"],
                 "linear_2.bias": state["model.mm_projector.2.bias"]}, "gelu"
     raise BackboneLoadError(f"{src}/config.json: mm_projector_type {kind!r} has no exact counterpart in transformers' "
