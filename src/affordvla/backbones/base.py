@@ -106,6 +106,8 @@ class VLMBackbone(nn.Module, abc.ABC):
     # (PaliGemma 1 on Gemma, PaliGemma 2 on Gemma 2); the classes come from the loaded model.
     decoder_layer_names: ClassVar[tuple[str, ...]] = ()
     vision_layer_names: ClassVar[tuple[str, ...]] = ()
+    # The wrapped Hugging Face model: its sub-modules and config are attributes that no stub describes.
+    model: Any
 
     def __init__(self, model: nn.Module, processor: Any, source: str):
         super().__init__()

@@ -93,7 +93,7 @@ class DensePointingHead(nn.Module):
 
     With `num_tasks` > 1 every task has its own heatmaps and votes, chosen by the scene's task: "Target Point"
     is the trash in one task and the bowl in another, and the fine-tuned VLM is told the task in its prompt. The
-    tower then need not also classify the scene (measured: 0.135 against 0.187 held-out error at 1000 steps).
+    tower then need not also classify the scene, and points markedly better for it.
     """
 
     def __init__(self, hidden: int, num_points: int, grid: int, num_tasks: int = 1):
@@ -134,8 +134,8 @@ class ConvPointingTeacher(nn.Module):
     patch grid is reached: four times at 128 px, patch 16) giving one feature vector per cell of that grid, trained
     first with the same dense head and targets as the tower.
 
-    Convolutions learn this dense localisation far faster than the tiny ViT: 0.046 held-out error after 1000 steps
-    and 0.023 after 2500, where the tower needs 12 000 steps for 0.057 (learning log, session 7). The tower is then
+    Convolutions learn this dense localisation far faster than the tiny ViT: in a fraction of the tower's steps
+    they point more accurately than the tower ever does on its own. The tower is then
     also trained to reproduce the teacher's per-cell features through a linear adapter (feature distillation);
     teacher and adapter are discarded, the checkpoint keeps the family's exact layout."""
 
@@ -177,9 +177,8 @@ class FeatureDistillation(nn.Module):
     over the teacher's feature sets: per cell, and optionally each cell's sub-cells.
 
     The sub-cells carry what lies where inside a patch. A USB stick 6 to 10 px long sits inside one 16 px patch;
-    matching the per-cell features alone left the tower missing it on a fifth of the scenes where the teacher never
-    does, and adding the 2x2 sub-cells lowered the dense error after 3000 steps from 0.078 to 0.060 (learning
-    log, session 10)."""
+    matching the per-cell features alone left the tower missing it on scenes where the teacher never does, and
+    adding the 2x2 sub-cells lowers the tower's dense error clearly."""
 
     def __init__(self, teacher_features: list[torch.Tensor], width: int, weight: float):
         super().__init__()
