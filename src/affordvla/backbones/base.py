@@ -96,6 +96,9 @@ def check_loading_info(info: dict, weights: str | Path, layout: str) -> None:
 
 
 class VLMBackbone(nn.Module, abc.ABC):
+    """A vision-language model behind one interface: preprocessing, token inputs, forward and generation, and
+    the embedding-level calls policy heads use. Each family (PaliGemma, LLaVA, CogVLM) subclasses it."""
+
     family: ClassVar[str]
     # Prefixes of parameter names per part, for per-part learning rates and freezing.
     part_prefixes: ClassVar[dict[str, tuple[str, ...]]]

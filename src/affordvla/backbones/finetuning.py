@@ -21,6 +21,8 @@ ADAPTER_INFO = "affordvla_adapter.json"
 
 @dataclass
 class LoraSettings:
+    """LoRA settings of a backbone (`backbone.lora`): rank, alpha, dropout and which layers get adapters."""
+
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05

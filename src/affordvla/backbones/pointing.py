@@ -51,6 +51,8 @@ def shipped_checkpoint(name: str) -> Path | None:
 
 @dataclass
 class DenseTargets:
+    """The dense pointing targets of a batch of scenes, per patch; indexing takes rows of every field."""
+
     patch_index: torch.Tensor  # (N, K) patch holding each keypoint
     votes: torch.Tensor  # (N, P, K, 2) displacement from each patch centre to each keypoint (normalised units)
     vote_weight: torch.Tensor  # (N, P, K) how much each patch's vote counts: patches near the keypoint

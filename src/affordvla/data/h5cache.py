@@ -40,6 +40,8 @@ class CacheError(ValueError):
 
 @dataclass
 class EpisodeRecord:
+    """One episode as the HDF5 action cache stores it: camera frames, actions, instruction and optional state."""
+
     key: str  # where it came from (source file / segment), kept for error messages
     images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
     actions: np.ndarray  # (T, D)

@@ -53,6 +53,8 @@ def parse_point_answer(text: str) -> np.ndarray | None:
 
 @dataclass
 class ConversationTurn:
+    """One question/answer turn of a RoboPoint (LLaVA-format) conversation about an image."""
+
     entry_id: str
     turn: int
     image_path: Path
@@ -145,6 +147,8 @@ def point_entry(entry_id: str, image: str, question: str, points: np.ndarray) ->
 
 @dataclass
 class Where2PlaceQuestion:
+    """One Where2Place question: the image, the mask of correct places, the question text and its category."""
+
     question_id: int | str
     image_path: Path
     mask_path: Path

@@ -38,6 +38,9 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the allowed globals (numpy arrays and their dtypes by default) and refuses
+    any other, so a data file cannot run code."""
+
     def __init__(self, file, *, source: str, allowed: frozenset[tuple[str, str]] = NUMPY_GLOBALS,
                  replacements: Mapping[tuple[str, str], Callable[..., Any] | type] | None = None):
         super().__init__(file)

@@ -64,6 +64,9 @@ def derive_seed(*parts: Any) -> int:
 
 @dataclass
 class Variant:
+    """One synthesised variant of an entry: the new image, its keypoints, the moved masks and the record of how
+    it was made."""
+
     image: np.ndarray
     points: dict[str, tuple[int, int]]  # 0-1000 ints, KALIE_POINT_NAMES order
     masks: dict[str, np.ndarray]  # the moved silhouettes of the objects that moved

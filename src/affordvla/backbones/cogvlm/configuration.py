@@ -50,6 +50,9 @@ class EVA2CLIPConfig:
 
 
 class CogVLMConfig(PretrainedConfig):
+    """CogVLM's config.json: the LLaMA-style decoder's sizes and token ids, with the EVA2-CLIP tower's settings kept
+    as a plain dict under `vision_config`, as the official file keeps them."""
+
     model_type = "cogvlm"
 
     def __init__(

@@ -56,6 +56,8 @@ PADDING_TOKEN_TYPE = -1  # only inside build_position_ids
 
 
 class PatchEmbedding(nn.Module):
+    """EVA2-CLIP's patch embedding: a strided convolution, a prepended CLS token and learned positions."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.image_size = vision.image_size
@@ -74,6 +76,8 @@ class PatchEmbedding(nn.Module):
 
 
 class EVA2CLIPAttention(nn.Module):
+    """EVA2-CLIP's self-attention with one fused query/key/value projection."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.num_heads = vision.num_heads
@@ -90,6 +94,8 @@ class EVA2CLIPAttention(nn.Module):
 
 
 class EVA2CLIPMLP(nn.Module):
+    """EVA2-CLIP's two-layer feed-forward block."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.fc1 = nn.Linear(vision.hidden_size, vision.intermediate_size)
@@ -101,6 +107,8 @@ class EVA2CLIPMLP(nn.Module):
 
 
 class EVA2CLIPLayer(GradientCheckpointingLayer):
+    """One EVA2-CLIP block (attention, then MLP), each sublayer's output normalised before the residual add."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
@@ -115,6 +123,8 @@ class EVA2CLIPLayer(GradientCheckpointingLayer):
 
 
 class EVA2CLIPTransformer(nn.Module):
+    """The stack of EVA2-CLIP blocks."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.layers = nn.ModuleList([EVA2CLIPLayer(vision) for _ in range(vision.num_hidden_layers)])
@@ -243,6 +253,8 @@ def run_experts(hidden: torch.Tensor, routing: ExpertRouting, vision_expert: nn.
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 and cast back (LLaMA's)."""
+
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -284,6 +296,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SwiGLUMLP(nn.Module):
+    """LLaMA's gated feed-forward block: down(act(gate(x)) * up(x))."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -296,6 +310,8 @@ class SwiGLUMLP(nn.Module):
 
 
 class VisionExpertMLP(nn.Module):
+    """CogVLM's feed-forward with a visual expert: image tokens go through one MLP, text tokens another."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.language_mlp = SwiGLUMLP(config)
@@ -306,6 +322,9 @@ class VisionExpertMLP(nn.Module):
 
 
 class VisionExpertAttention(nn.Module):
+    """CogVLM's attention with visual-expert projections: image and text tokens have their own query/key/value
+    and output weights, and attend to each other in one rotary-position attention."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.hidden_size = config.hidden_size
@@ -338,6 +357,8 @@ class VisionExpertAttention(nn.Module):
 
 
 class CogVLMDecoderLayer(GradientCheckpointingLayer):
+    """One CogVLM decoder block: pre-norm visual-expert attention and MLP with residuals."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.self_attn = VisionExpertAttention(config)
@@ -356,6 +377,8 @@ class CogVLMDecoderLayer(GradientCheckpointingLayer):
 
 
 class CogVLMPreTrainedModel(PreTrainedModel):
+    """Shared `PreTrainedModel` settings of the CogVLM classes: config class, weight init, checkpointing units."""
+
     config_class = CogVLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -374,6 +397,8 @@ class CogVLMPreTrainedModel(PreTrainedModel):
 
 
 class CogVLMModel(CogVLMPreTrainedModel):
+    """CogVLM without its LM head: token embeddings, the EVA2-CLIP tower and the visual-expert decoder."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -445,6 +470,8 @@ class CogVLMModel(CogVLMPreTrainedModel):
 
 
 class CogVLMForCausalLM(CogVLMPreTrainedModel):
+    """CogVLM with its LM head, under the official parameter names, loaded with `from_pretrained`."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__(config)
         self.model = CogVLMModel(config)
@@ -521,6 +548,8 @@ def weights_file(path: Path) -> Path:
 
 
 class CogVLMBackbone(VLMBackbone):
+    """The CogVLM family behind VLMBackbone: the native model, its processor and its chat template."""
+
     family = "cogvlm"
     decoder_layer_names = ("CogVLMDecoderLayer",)
     vision_layer_names = ("EVA2CLIPLayer",)

@@ -44,6 +44,9 @@ def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
 
 
 class LlavaBackbone(VLMBackbone):
+    """The LLaVA-1.5 family (RoboPoint's layout) behind VLMBackbone: transformers' Llava model, images padded to
+    square as LLaVA does, and the Vicuna v1 conversation template."""
+
     family = "llava"
     decoder_layer_names = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
     vision_layer_names = ("CLIPEncoderLayer", "SiglipEncoderLayer")

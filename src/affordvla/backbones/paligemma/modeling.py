@@ -27,6 +27,8 @@ from affordvla.backbones.base import (
 
 
 class PaliGemmaBackbone(VLMBackbone):
+    """The PaliGemma family behind VLMBackbone: transformers' PaliGemma model, with prefix-LM or causal attention."""
+
     family = "paligemma"
     decoder_layer_names = ("GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer")
     vision_layer_names = ("SiglipEncoderLayer",)
