@@ -48,7 +48,9 @@ def apply_lora(backbone, settings: LoraSettings) -> None:
     """Inject LoRA adapters; every other weight is frozen except the parts named in `extra_trainable`."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    # peft annotates lora_alpha as int but scales by alpha / rank, so a float alpha works as written
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,  # type: ignore[arg-type]
+                        lora_dropout=settings.dropout,
                         target_modules=lora_target_regex(backbone, settings), bias="none")
     # get_peft_model injects into backbone.model in place; the wrapper is kept (unregistered) for merge/save
     wrapper = get_peft_model(backbone.model, config)

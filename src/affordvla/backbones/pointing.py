@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -97,6 +98,8 @@ class DensePointingHead(nn.Module):
     is the trash in one task and the bowl in another, and the fine-tuned VLM is told the task in its prompt. The
     tower then need not also classify the scene, and points markedly better for it.
     """
+
+    centres: torch.Tensor  # a registered buffer: (P, 2) patch centres
 
     def __init__(self, hidden: int, num_points: int, grid: int, num_tasks: int = 1):
         super().__init__()
@@ -189,8 +192,9 @@ class FeatureDistillation(nn.Module):
         self.weight = weight
 
     def forward(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.weight * sum(F.mse_loss(adapter(tokens), targets[rows])
-                                 for adapter, targets in zip(self.adapters, self.targets))
+        # a sum over at least one feature set: a tensor
+        return cast(torch.Tensor, self.weight * sum(F.mse_loss(adapter(tokens), targets[rows])
+                                                    for adapter, targets in zip(self.adapters, self.targets)))
 
 
 def _pixels(backbone, scenes: list[Scene], chunk: int = 512) -> torch.Tensor:
@@ -367,9 +371,9 @@ def build_pointing_backbone(
             recipe.update(distill_subcells=distill_subcells)
     shipped = shipped_checkpoint(out_dir.name) if use_shipped else None
     record = json.loads((shipped / RECORD_FILE).read_text()) if shipped else None
-    if record and record["params"] != recipe:  # the name records only part of the recipe
+    if shipped and record and record["params"] != recipe:  # the name records only part of the recipe
         log.info("the shipped checkpoint %s was built with another recipe; training this one", shipped.name)
-    elif record:
+    elif shipped and record:
         log.info("copying the shipped pre-trained checkpoint %s (built in %.0f s; held-out dense error %.4f, "
                  "pointing error %.4f); rebuild it with: %s", shipped.name, record["seconds"], record["dense_error"],
                  record["text_error"] if record["text_error"] is not None else float("nan"), record["command"])
@@ -392,7 +396,7 @@ def build_pointing_backbone(
     eval_task = torch.tensor([TASK_NAMES.index(s.task) for s in held_out])
     num_tasks = len(TASK_NAMES) if task_conditioned else 1
     started = time.perf_counter()
-    stage = {"pixels": pixels, "targets": targets, "eval_pixels": eval_pixels, "eval_truth": eval_truth,
+    stage: dict[str, Any] = {"pixels": pixels, "targets": targets, "eval_pixels": eval_pixels, "eval_truth": eval_truth,
              "eval_task": eval_task, "batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every}
     history, distillation, teacher_error = [], None, None
     if teacher_steps > 0:

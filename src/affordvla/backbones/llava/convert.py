@@ -18,6 +18,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -106,7 +107,7 @@ def convert_original_llava(src: str | Path, vision_tower: str | Path | None = No
     vision_config, tower_state, processor_dir = _vision_tower(src, config, state, vision_tower)
 
     tokenizer = AutoTokenizer.from_pretrained(src)
-    added = {"extra_special_tokens": [IMAGE_TOKEN]} if IMAGE_TOKEN not in tokenizer.get_vocab() else {}
+    added: dict[str, Any] = {"extra_special_tokens": [IMAGE_TOKEN]} if IMAGE_TOKEN not in tokenizer.get_vocab() else {}
     if tokenizer.pad_token is None:
         added["pad_token"] = "<pad>"
     if added:
@@ -115,7 +116,8 @@ def convert_original_llava(src: str | Path, vision_tower: str | Path | None = No
     llama["vocab_size"] = len(tokenizer)  # grown by the tokens added above
     text_config = LlamaConfig(**llama)
     select = config.get("mm_vision_select_feature", "patch")
-    llava_config = LlavaConfig(
+    # transformers' LlavaConfig takes image_token_id and pad_token_id through **kwargs, left out of its signature
+    llava_config = LlavaConfig(  # type: ignore[call-arg]
         vision_config=vision_config, text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act=activation,
         vision_feature_layer=config.get("mm_vision_select_layer", -2),
