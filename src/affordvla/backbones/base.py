@@ -96,6 +96,9 @@ def check_loading_info(info: dict, weights: str | Path, layout: str) -> None:
 
 
 class VLMBackbone(nn.Module, abc.ABC):
+    """A vision-language model behind one interface: preprocessing, token inputs, forward and generation, and
+    the embedding-level calls policy heads use. Each family (PaliGemma, LLaVA, CogVLM) subclasses it."""
+
     family: ClassVar[str]
     # Prefixes of parameter names per part, for per-part learning rates and freezing.
     part_prefixes: ClassVar[dict[str, tuple[str, ...]]]
@@ -106,6 +109,8 @@ class VLMBackbone(nn.Module, abc.ABC):
     # (PaliGemma 1 on Gemma, PaliGemma 2 on Gemma 2); the classes come from the loaded model.
     decoder_layer_names: ClassVar[tuple[str, ...]] = ()
     vision_layer_names: ClassVar[tuple[str, ...]] = ()
+    # The wrapped Hugging Face model: its sub-modules and config are attributes that no stub describes.
+    model: Any
 
     def __init__(self, model: nn.Module, processor: Any, source: str):
         super().__init__()

@@ -117,6 +117,7 @@ def load_backbone(family: str, pretrained: str, build: Callable[[Path], Path] | 
         with exclusive(path):  # parallel jobs of a sweep: one builds, the others wait and load its result
             if not (path / "config.json").exists():
                 log.info("building offline %s checkpoint at %s", family, path)
+                assert build is not None  # check_backbone_paths refused a missing checkpoint it cannot build
                 build(path)
     try:
         backbone = FAMILIES[family].from_pretrained(path, dtype=dtype, **quantization_kwargs(quantization), **kwargs)

@@ -82,11 +82,12 @@ class KeypointDataset(Dataset):
 
 
 class KeypointDataModule(L.LightningDataModule, abc.ABC):
-    # How many points every answer has (None: it varies per sample, as in RoboPoint's VQA)
-    points_per_sample: int | None = None
     """What every keypoint datamodule shares: `splits` of KeypointDatasets, the collate the module provides, the
     step-resumable training sampler, evaluation loaders and the optional HDF5 sample cache. Subclasses build
     `splits` in `setup` and define `train_keypoint_mean` (the mean baseline the evaluator scores)."""
+
+    # How many points every answer has (None: it varies per sample, as in RoboPoint's VQA)
+    points_per_sample: int | None = None
 
     sample_kind = "keypoints"
     format_error: type[ValueError] = ValueError  # raised for a file that breaks the dataset's format

@@ -53,6 +53,8 @@ def parse_point_answer(text: str) -> np.ndarray | None:
 
 @dataclass
 class ConversationTurn:
+    """One question/answer turn of a RoboPoint (LLaVA-format) conversation about an image."""
+
     entry_id: str
     turn: int
     image_path: Path
@@ -117,7 +119,8 @@ def pointing_samples(json_path: str | Path, image_dir: str | Path) -> tuple[list
         samples.append(KeypointSample(
             image=load_image(turn.image_path, where), instruction=turn.question, keypoints=points,
             point_names=point_names(len(points)), task="robopoint",
-            meta={"source": str(json_path), "entry": f"{turn.entry_id}#{turn.turn}", "image_path": str(turn.image_path)},
+            meta={"source": str(json_path), "entry": f"{turn.entry_id}#{turn.turn}",
+                  "image_path": str(turn.image_path)},
         ))
     return samples, left_out
 
@@ -144,6 +147,8 @@ def point_entry(entry_id: str, image: str, question: str, points: np.ndarray) ->
 
 @dataclass
 class Where2PlaceQuestion:
+    """One Where2Place question: the image, the mask of correct places, the question text and its category."""
+
     question_id: int | str
     image_path: Path
     mask_path: Path

@@ -44,6 +44,8 @@ _BOX = re.compile(r"\(\s*[\d.]+(\s*,\s*[\d.]+){3}\s*\)")  # the rule pointing_sa
 
 @dataclass
 class RoboPointEntry:
+    """One pointing turn of a RoboPoint conversation file, read without its image."""
+
     key: str  # "{id}#{turn}", the entry name pointing_samples and the HDF5 cache use
     source: str  # the conversation file
     image_path: Path
