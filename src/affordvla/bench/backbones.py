@@ -63,7 +63,7 @@ def _batch(backbone, head, batch_size: int):
     from affordvla.data.kalie_tasks import TASKS
     from affordvla.data.sample import KeypointSample
     from affordvla.data.tabletop import make_scenes
-    from affordvla.module import KeypointBatchCollator
+    from affordvla.policies.keypoints import KeypointBatchCollator
 
     samples = [KeypointSample(image=s.image, instruction=TASKS[s.task].instruction, keypoints=s.keypoints,
                               task=s.task) for s in make_scenes(7, batch_size, 128)]

@@ -299,7 +299,9 @@ class KalieDataModule(KeypointDataModule):
         return mean.astype(np.float32)
 
     def metadata(self) -> dict[str, Any]:
-        return {"root": str(self.root), **super().metadata(), "max_train_samples": self.max_train_samples}
+        # the evaluation view travels with the policy: inference shows the model what evaluation showed it
+        return {"root": str(self.root), **super().metadata(), "max_train_samples": self.max_train_samples,
+                "eval_centre_crop": self.eval_centre_crop}
 
 
 def original_subset(root: Path, train_keys: list[str], count: int, seed: int) -> list[str]:
