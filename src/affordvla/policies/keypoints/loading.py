@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from affordvla.backbones.factory import family_of, load_backbone
-from affordvla.policies.base import POLICY_FILE, PolicyFormatError, read_head_state
+from affordvla.policies.base import HEAD_WEIGHTS, POLICY_FILE, PolicyFormatError, read_head_state
 from affordvla.policies.keypoints.inference import KeypointPolicy
 from affordvla.policies.keypoints.modeling import KeypointPolicyModule, head_class
 from affordvla.tracking.run_record import (
@@ -88,8 +88,9 @@ def build(export_dir: str | Path, settings: KeypointSettings, record: dict[str, 
     try:
         module.load_head_state(state)
     except PolicyFormatError as exc:
-        raise PolicyFormatError(f"{weights or export_dir}: {exc}") from None
-    full = {"kind": "keypoints", "format_version": record.get("format_version"), **module.policy_record(),
+        raise PolicyFormatError(f"{weights or export_dir / HEAD_WEIGHTS}: {exc}") from None
+    # the record as version 1 writes it, with the version the export was read as
+    full = {**module.policy_record(), "format_version": record.get("format_version"),
             "source": record.get("source", {})}
     return KeypointPolicy(module, full, source=export_dir, decoding=settings.decoding)
 
