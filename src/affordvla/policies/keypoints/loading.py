@@ -51,8 +51,8 @@ class KeypointSettings:
     @property
     def decoding(self) -> dict[str, Any]:
         """The settings that change what it predicts: the head's decoding, attention mask and view."""
-        return {**{k: self.head[k] for k in DECODING_HEAD_KEYS if k in self.head}, "prefix_lm": self.prefix_lm,
-                "centre_crop": self.centre_crop}
+        head = {k: self.head[k] for k in DECODING_HEAD_KEYS if k in self.head and (k != "codec_kwargs" or self.head[k])}
+        return {**head, "prefix_lm": self.prefix_lm, "centre_crop": self.centre_crop}
 
 
 def read_settings(export_dir: str | Path, record: dict[str, Any], overrides: dict[str, Any] | None = None,
