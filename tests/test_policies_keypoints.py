@@ -20,7 +20,13 @@ from affordvla.data.kalie_augment import centre_crop
 from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.data.tabletop import make_scenes
-from affordvla.policies.base import POLICY_FILE, KeypointPrediction, Observation, PolicyFormatError
+from affordvla.evaluate import keypoint_settings
+from affordvla.policies.base import (
+    POLICY_FILE,
+    KeypointPrediction,
+    Observation,
+    PolicyFormatError,
+)
 from affordvla.policies.keypoints import KeypointPolicy, KeypointPolicyModule
 from affordvla.policies.loading import load_policy
 
@@ -94,6 +100,9 @@ def test_an_export_predicts_what_the_trained_module_predicts(trained, name, tmp_
     assert record["head"]["class"] == type(module.head).__name__
     assert record["head"]["point_names"] == list(KALIE_POINT_NAMES) and record["head"]["centre_crop"] is None
     assert (export / "head.safetensors").is_file() == (name == "regression")  # the text head has no weights
+    if name == "text":  # what affordvla-eval keypoints decodes with, as decoding.json recorded it before
+        assert keypoint_settings(export) == {"codec": "paligemma_loc", "constrained": True, "max_new_tokens": None,
+                                             "prompt_style": "instruction", "prefix_lm": False, "centre_crop": None}
 
     policy = load_policy(export)
     assert isinstance(policy, KeypointPolicy) and policy.module is not module

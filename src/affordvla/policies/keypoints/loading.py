@@ -15,7 +15,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from affordvla.backbones.factory import family_of, load_backbone
-from affordvla.policies.base import HEAD_WEIGHTS, POLICY_FILE, PolicyFormatError, read_head_state
+from affordvla.policies.base import (
+    HEAD_WEIGHTS,
+    POLICY_FILE,
+    PolicyFormatError,
+    read_head_state,
+)
 from affordvla.policies.keypoints.inference import KeypointPolicy
 from affordvla.policies.keypoints.modeling import KeypointPolicyModule, head_class
 from affordvla.tracking.run_record import (
