@@ -245,3 +245,13 @@ class VLMBackbone(nn.Module, abc.ABC):
         for name, param in self.model.named_parameters():
             if any(name.startswith(self.part_prefixes[p]) for p in parts):
                 param.requires_grad_(False)
+
+
+def answer_logits(backbone: VLMBackbone, pixel_values: torch.Tensor, inputs: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM logits over the answer columns only, and the labels. Answers are right-aligned after a left-padded
+    prefix (pack_prompts_and_answers), so the logits from the first answer column onwards are all a loss needs."""
+    labels = inputs["labels"]
+    first_answer = int((labels != IGNORE_INDEX).float().argmax(dim=1).min())
+    output = backbone(pixel_values, inputs, logits_to_keep=labels.shape[1] - first_answer + 1)
+    return output.logits, labels

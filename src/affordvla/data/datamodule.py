@@ -303,7 +303,7 @@ class KalieDataModule(KeypointDataModule):
         return mean.astype(np.float32)
 
     def metadata(self) -> dict[str, Any]:
-        # the evaluation view travels with the policy, so a loaded policy sees images as its run's evaluation did
+        # the evaluation view travels with the policy: inference shows the model what evaluation showed it
         return {"root": str(self.root), **super().metadata(), "max_train_samples": self.max_train_samples,
                 "eval_centre_crop": self.eval_centre_crop}
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from affordvla.formats.sample import KeypointSample
+from affordvla.formats.sample import KeypointSample, numbered_point_names
 
 ROBOPOINT_ANSWER_SUFFIX = (
     "Your answer should be formatted as a list of tuples, i.e. [(x1, y1), (x2, y2), ...], where each tuple "
@@ -35,10 +35,6 @@ _TUPLE = re.compile(r"\(\s*([-+]?[\d.]+)\s*,\s*([-+]?[\d.]+)\s*\)")
 
 class RoboPointFormatError(ValueError):
     """A RoboPoint / Where2Place file does not follow the format; the message names the file and the entry."""
-
-
-def point_names(count: int) -> tuple[str, ...]:
-    return tuple(f"Point {i + 1}" for i in range(count))
 
 
 def parse_point_answer(text: str) -> np.ndarray | None:
@@ -118,7 +114,7 @@ def pointing_samples(json_path: str | Path, image_dir: str | Path) -> tuple[list
         where = f"{json_path}, entry {turn.entry_id!r}"
         samples.append(KeypointSample(
             image=load_image(turn.image_path, where), instruction=turn.question, keypoints=points,
-            point_names=point_names(len(points)), task="robopoint",
+            point_names=numbered_point_names(len(points)), task="robopoint",
             meta={"source": str(json_path), "entry": f"{turn.entry_id}#{turn.turn}",
                   "image_path": str(turn.image_path)},
         ))
