@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from affordvla.backbones.finetuning import export_backbone, has_lora
 from affordvla.checkpointing import check_checkpoint_matches, read_checkpoint
 from affordvla.cli import console_command
-from affordvla.policy_module import ActionPolicyModule
+from affordvla.policies.base import PolicyModule
 from affordvla.tracking.run_record import KEYPOINT_TEXT_HEAD, run_decoding_settings, write_decoding_record
 
 log = logging.getLogger("affordvla.export")
@@ -74,15 +74,15 @@ def write_export(module, cfg: DictConfig, out_dir: str | Path, metadata: dict[st
     record = {"merged": merge or not has_lora(module.backbone), **(source or {})}
     marker = out_dir / EXPORT_MARKER
     marker.write_text(json.dumps(record | {"complete": False}, indent=2))
-    export_backbone(module.backbone, out_dir, merge=merge)
-    if isinstance(module, ActionPolicyModule):  # its head is rebuilt from config: record that
-        module.export_policy(out_dir, build={"head": OmegaConf.to_container(cfg.head, resolve=True),
-                                             "prefix_lm": cfg.backbone.get("prefix_lm")})
-    elif hasattr(module, "export_policy"):  # the keypoint regression head records its own settings
-        module.export_policy(out_dir)
-    elif cfg.head.get("_target_") == KEYPOINT_TEXT_HEAD:  # evaluation must decode as this run did
-        parts = {part: OmegaConf.to_container(cfg[part], resolve=True) for part in ("dataset", "head", "backbone")}
-        write_decoding_record(out_dir, run_decoding_settings(parts))
+    if isinstance(module, PolicyModule):  # the policy contract: backbone, head weights and policy.json
+        module.export(out_dir, merge=merge, source=source)
+    else:
+        export_backbone(module.backbone, out_dir, merge=merge)
+        if hasattr(module, "export_policy"):  # the keypoint regression head records its own settings
+            module.export_policy(out_dir)
+        elif cfg.head.get("_target_") == KEYPOINT_TEXT_HEAD:  # evaluation must decode as this run did
+            parts = {part: OmegaConf.to_container(cfg[part], resolve=True) for part in ("dataset", "head", "backbone")}
+            write_decoding_record(out_dir, run_decoding_settings(parts))
     (out_dir / "dataset_metadata.json").write_text(json.dumps(metadata, indent=2))
     marker.write_text(json.dumps(record | {"complete": True}, indent=2))
     return out_dir
