@@ -77,8 +77,10 @@ def test_where2place_callback_scores_perfect_and_empty_answers(toy_robopoint):
     from affordvla.evaluation.benchmark_callbacks import Where2PlaceCallback
     from affordvla.formats.codecs import make_codec
 
-    class Head:
-        codec = make_codec("robopoint")
+    codec = make_codec("robopoint")
+
+    def readable(text):  # what a keypoint policy with RoboPoint's codec reads
+        return codec.try_decode(text) is not None
 
     callback = Where2PlaceCallback(str(toy_robopoint / "where2place"), output_dir="unused", mode="corrected")
     questions = read_where2place(toy_robopoint / "where2place")
@@ -86,9 +88,9 @@ def test_where2place_callback_scores_perfect_and_empty_answers(toy_robopoint):
     for q in questions:  # an integer pixel (read as a pixel, not normalised) well inside each region
         rows, cols = np.nonzero(load_mask(q.mask_path) >= 0.99)
         perfect.append({"question_id": q.question_id, "text": f"[({cols[len(cols) // 2]}, {rows[len(rows) // 2]})]"})
-    metrics = callback.score(perfect, Head())
+    metrics = callback.score(perfect, readable)
     assert metrics["test/where2place"] == pytest.approx(100.0) and metrics["test/where2place_h"] == pytest.approx(100.0)
-    empty = callback.score([{"question_id": q.question_id, "text": "no idea"} for q in questions], Head())
+    empty = callback.score([{"question_id": q.question_id, "text": "no idea"} for q in questions], readable)
     assert empty["test/where2place"] == 0.0 and empty["test/where2place_parse_failure_rate"] == 1.0
 
 

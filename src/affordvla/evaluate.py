@@ -158,10 +158,12 @@ def evaluate_where2place(data_root: str | Path, *, model_dir: str | Path | None 
         from affordvla.data.robopoint import read_where2place
         from affordvla.evaluation.benchmark_callbacks import answer_where2place
         from affordvla.heads.keypoint_text import KeypointTextHead
+        from affordvla.policies.keypoints import KeypointPolicyModule
 
-        backbone = load_model(model_dir)
-        answers = answer_where2place(backbone, KeypointTextHead(codec="robopoint"), read_where2place(data_root),
-                                     max_new_tokens)
+        # any RoboPoint-style model folder (an export, or a converted checkpoint) answers in RoboPoint's tuples
+        policy = KeypointPolicyModule(load_model(model_dir), KeypointTextHead(codec="robopoint"))
+        answers = answer_where2place(lambda images, prompts: policy.answer_questions(images, prompts, max_new_tokens),
+                                     read_where2place(data_root))
     else:
         raise ValueError("where2place needs --model (generate answers) or --answers (score recorded ones)")
     result = score_where2place(data_root, answers, mode=mode, num_questions=num_questions)

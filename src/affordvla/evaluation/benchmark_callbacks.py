@@ -2,7 +2,7 @@
 `callbacks` group, so a paper-table cell is one `affordvla-train` run that ends with the paper's figures.
 
 `Where2PlaceCallback` answers every question of a Where2Place folder with
-the trained backbone and keypoint-text head and scores the answers with evaluation/where2place.py:
+the trained keypoint policy (its `answer_questions`) and scores the answers with evaluation/where2place.py:
 `test/where2place` over all questions, `test/where2place_h` over the "unseen" category (Where2Place (h)), both
 x100 like the paper, plus `test/where2place_parse_failure_rate` (answers the head's codec cannot read). The
 answers are written as JSON lines beside the run and logged to MLflow, so any scorer can reread them.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -20,15 +21,17 @@ import torch
 from PIL import Image
 
 from affordvla.callbacks import log_artifact
+from affordvla.data.robopoint import read_where2place
+from affordvla.evaluation.where2place import score_where2place
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def answer_where2place(backbone, head, questions, max_new_tokens: int, batch_size: int = 8,
-                       device: torch.device | str = "cpu") -> list[dict]:
-    """The head's greedy answers (its own decoding, constrained when it is) to Where2Place questions, in file
-    order, each with its question_id and category: what `affordvla-eval where2place` and the callback score."""
+def answer_where2place(answer: Callable[[list[np.ndarray], list[str]], list[str]], questions,
+                       batch_size: int = 8) -> list[dict]:
+    """Greedy answers to Where2Place questions through `answer(images, prompts) -> texts` (a keypoint policy's
+    `answer_questions`), in file order, each with its question_id and category: what `affordvla-eval
+    where2place` and the callback score."""
     answers = []
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
@@ -36,8 +39,7 @@ def answer_where2place(backbone, head, questions, max_new_tokens: int, batch_siz
         for question in batch:
             with Image.open(question.image_path) as im:
                 images.append(np.asarray(im.convert("RGB")))
-        pixels = backbone.preprocess_images(images).to(device)
-        texts = head.answer(backbone, pixels, [q.text for q in batch], max_new_tokens)
+        texts = answer(images, [q.text for q in batch])
         answers.extend({"question_id": q.question_id, "text": t, "category": q.category}
                        for q, t in zip(batch, texts))
     return answers
@@ -58,37 +60,17 @@ class Where2PlaceCallback(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.metric_prefix = metric_prefix
 
-    def _max_new_tokens(self, head) -> int:
-        if self.max_new_tokens is not None:
-            return self.max_new_tokens
-        configured = head.answer_budget  # the text head's setting, or its size derived during validation
-        if configured is None:
-            raise ValueError("Where2PlaceCallback needs max_new_tokens (or head.max_new_tokens) to bound answers")
-        return configured
-
     @torch.no_grad()
     def answer(self, module) -> list[dict]:
-        """Greedy answers of the module's backbone to every question, in file order, each with its question_id."""
-        from affordvla.data.robopoint import read_where2place
-
+        """Greedy answers of the trained keypoint policy to every question, in file order, with question_ids."""
         questions = read_where2place(self.root)
-        backbone, head = module.backbone, module.head
-        if not hasattr(head, "answer"):
-            raise TypeError(f"Where2Place needs a head that writes points as text (head=keypoint_text), got "
-                            f"{type(head).__name__}")
-        max_new_tokens = self._max_new_tokens(head)
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            return answer_where2place(backbone, head, questions, max_new_tokens, self.batch_size, module.device)
-        finally:
-            backbone.train(was_training)
+        return answer_where2place(lambda images, prompts: module.answer_questions(images, prompts,
+                                                                                   self.max_new_tokens),
+                                  questions, self.batch_size)
 
-    def score(self, answers: list[dict], head) -> dict[str, float]:
-        from affordvla.evaluation.where2place import score_where2place
-
+    def score(self, answers: list[dict], readable: Callable[[str], bool]) -> dict[str, float]:
         result = score_where2place(self.root, answers, mode=self.mode)
-        unreadable = sum(head.codec.try_decode(a["text"]) is None for a in answers)
+        unreadable = sum(not readable(a["text"]) for a in answers)
         metrics = {self.metric_prefix: 100 * result.score,
                    f"{self.metric_prefix}_parse_failure_rate": unreadable / len(answers) if answers else 0.0,
                    f"{self.metric_prefix}_scored": float(result.scored),
@@ -101,7 +83,7 @@ class Where2PlaceCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         answers = self.answer(module)
-        metrics = self.score(answers, module.head)
+        metrics = self.score(answers, module.readable)
         path = self.output_dir / "benchmarks" / "where2place_answers.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(a) + "\n" for a in answers), encoding="utf-8")

@@ -154,6 +154,32 @@ class KeypointPolicyModule(PolicyModule):
                                                   text if self.head.writes_text else ""))
         return predictions
 
+    @torch.no_grad()
+    def answer_questions(self, images: list[np.ndarray], prompts: list[str], max_new_tokens: int | None = None
+                         ) -> list[str]:
+        """Greedy answers to a benchmark's ready-made questions (its own prompt text, e.g. Where2Place's), decoded
+        as the head decodes (under the codec's grammar when constrained); `max_new_tokens` defaults to the head's
+        answer budget. Only a head that writes its points as text can answer."""
+        answer = getattr(self.head, "answer", None)
+        if answer is None:
+            raise ValueError(f"benchmark questions need a head that writes points as text (head=keypoint_text), "
+                             f"not {type(self.head).__name__}")
+        budget = max_new_tokens if max_new_tokens is not None else self.head.answer_budget
+        if budget is None:
+            raise ValueError("answering free-form questions needs max_new_tokens (or head.max_new_tokens) to bound "
+                             "the answers")
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            pixel_values = self.backbone.preprocess_images(images).to(self.device)
+            return answer(self.backbone, pixel_values, prompts, budget)
+        finally:
+            self.backbone.train(was_training)
+
+    def readable(self, text: str) -> bool:
+        """Whether the head's codec reads points out of an answer of `answer_questions`."""
+        return self.head.codec.try_decode(text) is not None
+
     def describe(self) -> dict[str, Any]:
         return {"point_names": list(self.head.point_names), "centre_crop": self.centre_crop,
                 "head_settings": self.head.settings()}
