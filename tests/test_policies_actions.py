@@ -15,11 +15,23 @@ from safetensors.torch import save_file
 
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.finetuning import export_backbone
-from affordvla.data.action_datamodule import ActionWindowDataModule, collate_action_windows
+from affordvla.data.action_datamodule import (
+    ActionWindowDataModule,
+    collate_action_windows,
+)
 from affordvla.heads.language_actions import DiscreteActionHead, TextActionHead
 from affordvla.heads.policy_heads import HEADS
-from affordvla.policies import ActionPrediction, Observation, PolicyFormatError, load_policy
-from affordvla.policies.actions import ActionPolicy, ContinuousActionModule, LanguageActionModule
+from affordvla.policies import (
+    ActionPrediction,
+    Observation,
+    PolicyFormatError,
+    load_policy,
+)
+from affordvla.policies.actions import (
+    ActionPolicy,
+    ContinuousActionModule,
+    LanguageActionModule,
+)
 
 TOY = {"train_episodes": 3, "val_episodes": 1, "episode_length": 8, "distractors": 1, "seed": 0}
 WINDOW, CHUNK = 3, 2

@@ -4,7 +4,12 @@ action as text (language.py), on a shared base (base.py); `load` rebuilds an exp
 
 from affordvla.policies.actions.base import ActionPolicyModuleBase
 from affordvla.policies.actions.continuous import FORMULATIONS, ContinuousActionModule
-from affordvla.policies.actions.inference import EXECUTIONS, ActionPolicy, ActionSession, ActionStep
+from affordvla.policies.actions.inference import (
+    EXECUTIONS,
+    ActionPolicy,
+    ActionSession,
+    ActionStep,
+)
 from affordvla.policies.actions.language import LanguageActionModule
 from affordvla.policies.actions.loading import load
 

@@ -22,7 +22,12 @@ from affordvla.backbones.base import VLMBackbone
 from affordvla.heads.language_actions import LanguageActionHead
 from affordvla.heads.policy_heads import HEADS, PolicyHead, policy_loss
 from affordvla.policies.actions.base import ActionPolicyModuleBase, plain_settings
-from affordvla.policies.base import HEAD_WEIGHTS, ActionPrediction, Observation, PolicyFormatError
+from affordvla.policies.base import (
+    HEAD_WEIGHTS,
+    ActionPrediction,
+    Observation,
+    PolicyFormatError,
+)
 
 FORMULATIONS = ("policy_head", "interleaved")
 # what the module passes to a head factory: the shapes the backbone and the dataset give
@@ -42,7 +47,7 @@ class ContinuousActionModule(ActionPolicyModuleBase):
                  camera: str | None = None, normalization: dict | None = None, gripper_loss_weight: float = 0.01,
                  head_lr: float | None = None, callbacks: Mapping[str, L.Callback | None] | None = None):
         if isinstance(head, LanguageActionHead) or not callable(head):
-            raise ValueError(f"module=action_policy trains continuous heads (lstm, gpt, mlp), not "
+            raise ValueError(f"module=action_policy trains continuous heads (lstm, gpt, mlp), not "  # noqa: TRY004
                              f"{type(head).__name__}: use module=language_actions for the discrete and "
                              "text_actions heads")
         if formulation not in FORMULATIONS:

@@ -14,7 +14,11 @@ import torch
 
 from affordvla.backbones.base import VLMBackbone
 from affordvla.heads.language_actions import LANGUAGE_HEADS, LanguageActionHead
-from affordvla.policies.actions.base import STATE_HISTORY, ActionPolicyModuleBase, plain_settings
+from affordvla.policies.actions.base import (
+    STATE_HISTORY,
+    ActionPolicyModuleBase,
+    plain_settings,
+)
 from affordvla.policies.base import ActionPrediction, Observation, answer_logits
 
 
@@ -28,7 +32,7 @@ class LanguageActionModule(ActionPolicyModuleBase):
                  freeze: list[str] | None = None, camera: str | None = None, normalization: dict | None = None,
                  head_lr: float | None = None, callbacks: Mapping[str, L.Callback | None] | None = None):
         if not isinstance(head, LanguageActionHead):
-            raise ValueError(f"module=language_actions trains the heads that write actions as text (discrete, "
+            raise ValueError(f"module=language_actions trains heads writing actions as text (discrete, "  # noqa: TRY004
                              f"text_actions), not {getattr(head, 'func', type(head)).__name__}: use "
                              "module=action_policy for the lstm, gpt and mlp heads")
         super().__init__(backbone, optimizer, scheduler, part_lr, freeze, camera, normalization, head_lr, callbacks)
