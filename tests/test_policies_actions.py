@@ -21,6 +21,7 @@ from affordvla.data.action_datamodule import (
 )
 from affordvla.heads.language_actions import DiscreteActionHead, TextActionHead
 from affordvla.heads.policy_heads import HEADS
+from affordvla.offline.toy_actions import generate_toy_calvin
 from affordvla.policies import (
     ActionPrediction,
     Observation,
@@ -55,7 +56,7 @@ def toy_root(tmp_path_factory):
 
 def _datamodule(root, window: int) -> ActionWindowDataModule:
     dm = ActionWindowDataModule("calvin", str(root), window_size=window, chunk_size=CHUNK, batch_size=4,
-                                cameras=("rgb_static",), generate=TOY)
+                                cameras=("rgb_static",), generate=functools.partial(generate_toy_calvin, **TOY))
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -141,6 +142,16 @@ def test_export_loads_into_a_policy_that_predicts_as_the_trained_module(name, to
             step = session.act(observation)
             np.testing.assert_allclose(step.actions, batched[t], atol=2e-5)
             np.testing.assert_allclose(step.executed, batched[t][0], atol=2e-5)  # execution "first"
+
+    # sessions of one loaded policy keep their own history (a server's clients take turns): two episodes stepped
+    # alternately give what each gives alone
+    other_sample = dm.splits["val"][4]
+    alone = _window_chunks(module, other_sample)
+    first, second = policy.session(), policy.session()
+    for t, (mine, theirs) in enumerate(zip(_observations(sample)[: len(batched)],
+                                           _observations(other_sample)[: len(alone)])):
+        np.testing.assert_allclose(first.act(mine).actions, batched[t], atol=2e-5)
+        np.testing.assert_allclose(second.act(theirs).actions, alone[t], atol=2e-5)
 
 
 def test_a_version_0_export_loads_from_its_policy_json_or_the_run_config_beside_it(toy_root, tiny_backbone_dir,

@@ -47,6 +47,17 @@ class PolicyHead(nn.Module, abc.ABC):
     def reset(self) -> None:
         self._memory = []
 
+    def rollout_state(self) -> dict:
+        """The history `step` keeps, so that several rollouts (a server's sessions) can share one head."""
+        return {"memory": list(self._memory)}
+
+    def load_rollout_state(self, state: dict | None) -> None:
+        """Continue the rollout `state` (from `rollout_state`); None starts a new one."""
+        if state is None:
+            self.reset()
+            return
+        self._memory = list(state["memory"])
+
     def step(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One new frame's features (B, L, H) -> this frame's (arm (B, n, D-1), gripper logits (B, n)).
         Default: keep the last `window_size` frames and re-run the window, reading its last step."""
@@ -93,6 +104,14 @@ class LSTMHead(PolicyHead):
     def reset(self) -> None:
         super().reset()
         self._state = None
+
+    def rollout_state(self) -> dict:
+        return super().rollout_state() | {"lstm": self._state}
+
+    def load_rollout_state(self, state: dict | None) -> None:
+        super().load_rollout_state(state)
+        if state is not None:
+            self._state = state["lstm"]
 
     def step(self, feature):
         self._memory.append(feature)

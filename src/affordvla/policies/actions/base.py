@@ -210,12 +210,12 @@ class ActionPolicyModuleBase(PolicyModule):
     def predict_frames(self, observations: list[Observation]) -> list[ActionPrediction]:
         """Batched, stateless chunks in the training data's units."""
 
-    def new_history(self) -> dict[str, list]:
-        """A session's per-episode memory (frames, states); heads that keep their own state reset it here."""
+    def new_history(self) -> dict[str, Any]:
+        """A session's per-episode memory (frames, states, and what a head keeps between steps)."""
         return {"frames": [], "states": []}
 
     @abc.abstractmethod
-    def step(self, observation: Observation, history: dict[str, list], previous_gripper: float
+    def step(self, observation: Observation, history: dict[str, Any], previous_gripper: float
              ) -> ActionPrediction:
         """This step's chunk in the training data's units, updating `history`; `previous_gripper` is the last
         executed gripper command (a text answer that does not parse keeps it)."""

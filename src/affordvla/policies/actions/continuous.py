@@ -139,11 +139,11 @@ class ContinuousActionModule(ActionPolicyModuleBase):
         actions = self.normalizer.denormalize(arm[:, 0], gripper[:, 0] > 0).cpu().numpy()
         return [ActionPrediction(chunk) for chunk in actions]
 
-    def new_history(self) -> dict[str, list]:
-        self.policy_head.reset()  # the LSTM's state, the GPT's feature memory
-        return super().new_history()
+    def new_history(self) -> dict[str, Any]:
+        # the head's own history (the LSTM's state, the GPT's feature memory) lives with the session, not the head
+        return super().new_history() | {"head": None}
 
-    def step(self, observation: Observation, history: dict[str, list], previous_gripper: float
+    def step(self, observation: Observation, history: dict[str, Any], previous_gripper: float
              ) -> ActionPrediction:
         pixels = self.pixel_values([observation.image_for(self.camera)])
         prompt = self.prompt(observation.instruction)
@@ -155,7 +155,9 @@ class ContinuousActionModule(ActionPolicyModuleBase):
             arm, gripper = arm[:, -1], gripper[:, -1]
         else:
             features = self.action_features(pixels, [prompt], 1, 1)[:, 0]
+            self.policy_head.load_rollout_state(history["head"])
             arm, gripper = self.policy_head.step(features)
+            history["head"] = self.policy_head.rollout_state()
         return ActionPrediction(self.normalizer.denormalize(arm, gripper > 0)[0].cpu().numpy())
 
     # --- export -------------------------------------------------------------------------------------------

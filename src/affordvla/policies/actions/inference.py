@@ -3,8 +3,8 @@
 A session keeps the history each formulation needs: policy heads keep their own (the LSTM its state, the GPT a
 feature memory of `window_size` frames), the interleaved formulation a memory of frames that it re-encodes as one
 causal sequence, language heads the recent proprio states their prompt quotes. Over a window its chunks equal
-those of the batched training forward on the same frames. The history lives partly in the module's head, so one
-policy runs one session at a time.
+those of the batched training forward on the same frames. Each session holds its own history, so one loaded policy
+serves several sessions (a server's clients) in turn.
 
 Chunk execution: `first` executes the first action of every new chunk (RoboVLMs); `ensemble` averages every
 still-overlapping chunk's prediction for the current step with weights exp(-decay * i), i = 0 for the oldest

@@ -111,7 +111,7 @@ class LanguageActionModule(ActionPolicyModuleBase):
                    for o in observations]
         return self._answer([o.image_for(self.camera) for o in observations], prompts, previous_gripper=1.0)
 
-    def step(self, observation: Observation, history: dict[str, list], previous_gripper: float
+    def step(self, observation: Observation, history: dict[str, Any], previous_gripper: float
              ) -> ActionPrediction:
         if observation.state is not None:
             history["states"] = (history["states"] + [np.asarray(observation.state)])[-STATE_HISTORY:]
