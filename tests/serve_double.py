@@ -67,3 +67,16 @@ def load(export_dir, device=None) -> Policy:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no double here")
     return DoublePolicy(json.loads(path.read_text())["kind"], Path(export_dir))
+
+
+if __name__ == "__main__":  # python serve_double.py <root> <port> [limits as JSON]: a server of two doubles
+    import sys
+
+    from affordvla.serve.protocol import Limits
+    from affordvla.serve.server import ServeSettings, serve
+
+    root, port = Path(sys.argv[1]), int(sys.argv[2])
+    limits = Limits(**json.loads(sys.argv[3])) if len(sys.argv) > 3 else Limits()
+    models = {"kp": str(write_double(root / "kp", "keypoints")), "lstm": str(write_double(root / "act", "actions"))}
+    serve(ServeSettings(models=models, port=port, accelerator="cpu", limits=limits, max_batch_size=4,
+                        demo=False), loader="serve_double:load")
