@@ -79,4 +79,4 @@ if __name__ == "__main__":  # python serve_double.py <root> <port> [limits as JS
     limits = Limits(**json.loads(sys.argv[3])) if len(sys.argv) > 3 else Limits()
     models = {"kp": str(write_double(root / "kp", "keypoints")), "lstm": str(write_double(root / "act", "actions"))}
     serve(ServeSettings(models=models, port=port, accelerator="cpu", limits=limits, max_batch_size=4,
-                        demo=False), loader="serve_double:load")
+                        demo=True), loader="serve_double:load")

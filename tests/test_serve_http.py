@@ -32,7 +32,7 @@ def array(values: np.ndarray) -> dict:  # json-numpy's layout, written out by ha
     return {"__numpy__": b64(values.tobytes()), "dtype": values.dtype.str, "shape": list(values.shape)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_http")
     port = free_port()
@@ -43,6 +43,11 @@ def server(tmp_path_factory):
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture
+def demo_server(server):
+    return server.url, {"X-API-Key": KEY}, "kp"
 
 
 GOOD_IMAGE = b64(png())
