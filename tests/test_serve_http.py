@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from serve_helpers import ServerProcess, free_port
+from serve_helpers import ServerProcess, free_port, server_env
 
 KEY = "test-key-1234"
 LIMITS = {"max_body_bytes": 200_000, "max_image_pixels": 64 * 64, "max_image_side": 64}
@@ -37,7 +37,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_http")
     port = free_port()
     process = ServerProcess([sys.executable, "-m", "serve_double", str(root), str(port), json.dumps(LIMITS)], port,
-                            root / "server.log", env={"AFFORDVLA_SERVE_API_KEY": KEY, "AFFORDVLA_ROOT": str(root)})
+                            root / "server.log", env=server_env(root, AFFORDVLA_SERVE_API_KEY=KEY))
     try:
         process.wait_ready()
         yield process
