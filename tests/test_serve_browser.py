@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from serve_helpers import KEY, served, tiny_exports  # noqa: F401  (session fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -45,8 +46,8 @@ def run_demo(url: str, image_path, screenshot=None) -> dict[str, str]:
             browser.close()
 
 
-def test_demo_overlay_shows_the_apis_points(demo_server, tmp_path):
-    url, headers, keypoint_model = demo_server
+def test_demo_overlay_shows_the_apis_points(served, tmp_path):
+    url, headers, keypoint_model = served.url, {"X-API-Key": KEY}, "kp"  # panel A shows the first model by name
     pixels = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "scene.png")
     shown = run_demo(url, tmp_path / "scene.png")
@@ -56,6 +57,3 @@ def test_demo_overlay_shows_the_apis_points(demo_server, tmp_path):
             "instruction": "Sweep the trash off the table with the brush."}
     answer = requests.post(url + "/v1/keypoints", json=body, headers=headers, timeout=120).json()
     assert json.loads(shown["a"]) == answer["points"]
-
-
-from test_serve_http import demo_server, server  # noqa: E402,F401  (the served models and their demo)

@@ -195,10 +195,13 @@ class ActAPI(PolicyAPI):
     def _session_step(self, request: ActRequest) -> dict | RequestError:
         policy = self.policies[request.model]
         if request.reset:
+            options = self._options(request.unnorm_key)
+            if request.execution is not None:
+                options["execution"] = request.execution
             try:
-                session = policy.session(**self._options(request.unnorm_key))
-            except ValueError as exc:
-                return RequestError(422, "unnorm_key", str(exc))
+                session = policy.session(**options)
+            except ValueError as exc:  # an unknown execution or unnorm_key
+                return RequestError(422, "execution" if "execution" in str(exc) else "unnorm_key", str(exc))
             self.sessions.start(request.session_id, request.model, session)
             return {"model": request.model, "session_id": request.session_id, "reset": True}
         live = self.sessions.get(request.session_id)

@@ -58,7 +58,8 @@ class KeypointsAnswer:
 
 @dataclass
 class ActAnswer:
-    """The answer of /act: the action chunk (n, D) in dataset units."""
+    """The answer of /act: the action chunk (n, D) in dataset units; in a session also `executed`, the action
+    (D,) to send under the session's execution."""
 
     model: str
     actions: np.ndarray
@@ -66,6 +67,7 @@ class ActAnswer:
     parsed: bool
     session_id: str | None
     timings: dict[str, float]
+    executed: np.ndarray | None = None
 
 
 def encode_png(image: np.ndarray | Image.Image | str | Path) -> str:
@@ -196,9 +198,12 @@ class PolicyClient:
         body = self._call("POST", "/act", data=json_numpy.dumps(payload), idempotent=session is None)
         return ActAnswer(model=body["model"], actions=np.asarray(body["actions"], dtype=np.float32),
                          text=body.get("text", ""), parsed=body.get("parsed", True),
-                         session_id=body.get("session_id"), timings=body.get("timings", {}))
+                         session_id=body.get("session_id"), timings=body.get("timings", {}),
+                         executed=None if body.get("executed") is None else np.asarray(body["executed"], np.float32))
 
-    def reset(self, session: str, *, model: str | None = None, unnorm_key: str | None = None) -> None:
-        """Begin (or begin again) the episode of `session`."""
-        payload: Mapping[str, Any] = {k: v for k, v in (("model", model), ("unnorm_key", unnorm_key)) if v}
+    def reset(self, session: str, *, model: str | None = None, unnorm_key: str | None = None,
+              execution: str | None = None) -> None:
+        """Begin (or begin again) the episode of `session`; `execution` "first" or "ensemble" (of chunks)."""
+        payload: Mapping[str, Any] = {k: v for k, v in (("model", model), ("unnorm_key", unnorm_key),
+                                                        ("execution", execution)) if v}
         self._call("POST", f"/v1/sessions/{session}/reset", data=json_numpy.dumps(dict(payload)))

@@ -69,6 +69,7 @@ class ActRequest:
     unnorm_key: str | None = None
     session_id: str | None = None
     reset: bool = False
+    execution: str | None = None  # a reset's choice of chunk execution ("first" or "ensemble")
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -195,8 +196,11 @@ def parse_act(payload: dict[str, Any], limits: Limits) -> ActRequest:
         session = session_id_of(payload)
         if session is None:
             raise RequestError(400, "session_id", "missing: a reset names its session")
+        execution = payload.get("execution")
+        if execution is not None and not isinstance(execution, str):
+            raise RequestError(422, "execution", "expected 'first' or 'ensemble'")
         return ActRequest(model=_model(payload), image=None, instruction="", unnorm_key=unnorm_key,
-                          session_id=session, reset=True)
+                          session_id=session, reset=True, execution=execution)
     state = payload.get("state")
     if state is not None:
         if isinstance(state, dict) and "__numpy__" in state:
