@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def serve_command(models: Mapping[str, str | Path], port: int, overrides: Sequence[str] = ()) -> list[str]:
     """The affordvla-serve command line, on 127.0.0.1 only."""
-    return [sys.executable, "-m", "affordvla.serve.cli", *[f"models.{k}={v}" for k, v in models.items()],
+    return [sys.executable, "-m", "affordvla.serve.cli", *[f"+models.{k}={v}" for k, v in models.items()],
             f"port={port}", "host=127.0.0.1", *overrides]
 
 

@@ -1,6 +1,6 @@
 """affordvla-serve: exported policies behind one HTTP server (LitServe: dynamic batching, workers per device).
 
-    affordvla-serve models.kp=outputs/runs/train/<time>/model models.lstm=<MLflow run id> port=8000
+    affordvla-serve +models.kp=outputs/runs/train/<time>/model +models.lstm=<MLflow run id> port=8000
 
 Every model is loaded once in this process before the port is bound, so a model that cannot load stops the start
 with the reason; the workers then load their own copies and `/health` answers 200 once all are ready. The request
@@ -65,7 +65,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("serve: models is empty; name at least one policy, e.g. "
-                             "models.kp=outputs/runs/train/<time>/model (an export folder or an MLflow run id)")
+                             "+models.kp=outputs/runs/train/<time>/model (an export folder or an MLflow run id; the + adds a key)")
         for key in ("max_batch_size", "workers_per_device", "port"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"serve: {key}={getattr(self, key)!r}; expected a positive integer")
