@@ -144,6 +144,6 @@ def test_client_raises_on_4xx_at_once_with_the_field(flaky):
 def test_client_retries_connection_errors_a_bounded_number_of_times():
     from serve_helpers import free_port
 
-    with PolicyClient(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.01, timeout=2) as client:
-        with pytest.raises(ServeUnavailable, match="2 attempts"):
-            client.info()
+    with (PolicyClient(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.01, timeout=2) as client,
+          pytest.raises(ServeUnavailable, match="2 attempts")):
+        client.info()

@@ -56,8 +56,8 @@ def resolve_model(requested: str | None, kinds: dict[str, str], kind: str) -> st
         raise RequestError(404, "model", f"unknown model {requested!r}; this server serves {sorted(kinds)}")
     if kinds[requested] != kind:
         other = KEYPOINTS_PATH if kinds[requested] == "keypoints" else ACT_PATH
-        raise RequestError(400, "model", f"{requested!r} is a policy of kind {kinds[requested]}: POST it to {other}, not "
-                           f"{endpoint}")
+        raise RequestError(400, "model", f"{requested!r} is a policy of kind {kinds[requested]}: POST it to "
+                           f"{other}, not {endpoint}")
     return requested
 
 

@@ -64,8 +64,8 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise ValueError("serve: models is empty; name at least one policy, e.g. "
-                             "+models.kp=outputs/runs/train/<time>/model (an export folder or an MLflow run id; the + adds a key)")
+            raise ValueError("serve: models is empty; name at least one policy, e.g. +models.kp=outputs/runs/train/"
+                             "<time>/model (an export folder or an MLflow run id; the + adds a key)")
         for key in ("max_batch_size", "workers_per_device", "port"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"serve: {key}={getattr(self, key)!r}; expected a positive integer")
@@ -223,7 +223,7 @@ class RequestGate:
         except Exception as exc:  # python-multipart's and starlette's parse errors
             raise RequestError(400, "body", f"not a readable multipart form ({exc})") from None
         payload: dict[str, Any] = {}
-        for key in form.keys():
+        for key in form:
             values = form.getlist(key)
             value = values[0]
             if hasattr(value, "read"):
