@@ -147,3 +147,40 @@ def test_client_retries_connection_errors_a_bounded_number_of_times():
     with (PolicyClient(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.01, timeout=2) as client,
           pytest.raises(ServeUnavailable, match="2 attempts")):
         client.info()
+
+
+def test_a_model_that_cannot_load_stops_the_start_before_the_port_is_bound(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from serve_helpers import free_port, serve_command, server_env
+
+    (tmp_path / "not-an-export").mkdir()
+    (tmp_path / "not-an-export" / "notes.txt").write_text("a user's folder")
+    port = free_port()
+    done = subprocess.run(serve_command({"bad": tmp_path / "not-an-export"}, port, ["accelerator=cpu"]),
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **server_env(tmp_path)})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "affordvla-serve: error: serve: models.bad" in done.stderr and "policy.json" in done.stderr
+    with socket.socket() as sock:  # nothing listens there
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_an_mlflow_run_id_resolves_to_the_runs_export(tmp_path):
+    from mlflow import MlflowClient
+
+    from affordvla.serve.server import resolve_source
+
+    export = tmp_path / "run" / "model"
+    export.mkdir(parents=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("serve", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment)
+    config = tmp_path / "config_resolved.yaml"  # as affordvla-train logs it under run/
+    config.write_text(f"task_name: train\nexport_dir: {export}\n")
+    client.log_artifact(run.info.run_id, str(config), "run")
+    assert resolve_source("kp", run.info.run_id, uri) == export
+    with pytest.raises(FileNotFoundError, match="neither an export folder nor an MLflow run id"):
+        resolve_source("kp", str(tmp_path / "missing"), uri)
