@@ -65,7 +65,7 @@ if SEED_OFFSET:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A tiny PaliGemma with a few steps of the dense pointing stage (fast; learning is tested elsewhere)."""
-    from affordvla.backbones.pointing import build_pointing_backbone
+    from affordvla.pretraining.pointing import build_pointing_backbone
 
     out = tmp_path_factory.mktemp("backbones") / "paligemma-tiny"
     return build_pointing_backbone(out, steps=3, corpus_size=16, eval_size=4, batch_size=4, scene_size=64,
@@ -106,9 +106,9 @@ def smoke_overrides(tmp_path, tiny_backbone_dir) -> list[str]:
 
 def keypoint_head_and_batch(backbone, codec: str = "robopoint"):
     """A keypoint-text head bound to `backbone` and a fixed batch of four generated scenes (seed 5, 32 px)."""
-    from affordvla.data.kalie_tasks import TASKS
-    from affordvla.data.sample import KeypointSample
-    from affordvla.data.tabletop import make_scenes
+    from affordvla.offline.tabletop import make_scenes
+    from affordvla.formats.kalie_tasks import TASKS
+    from affordvla.formats.sample import KeypointSample
     from affordvla.heads.keypoint_text import KeypointTextHead
     from affordvla.module import KeypointBatchCollator
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from affordvla.backbones.pointing import tiny_writer
 from affordvla.bench.backbones import LiveTensorMemory, step_peak_mb
+from affordvla.pretraining.pointing import tiny_writer
 
 
 def test_live_tensor_memory_counts_gradients_and_optimiser_state_exactly():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from affordvla.heads.codecs import (
+from affordvla.formats.codecs import (
     CODECS,
     KalieJsonCodec,
     KeypointCodec,

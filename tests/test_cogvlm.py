@@ -18,7 +18,7 @@ from affordvla.backbones.cogvlm.configuration import (
 )
 from affordvla.backbones.cogvlm.modeling import build_position_ids, vision_expert_mask
 from affordvla.backbones.cogvlm.processing import CLIP_MEAN, CLIP_STD
-from affordvla.backbones.cogvlm.tiny import write_tiny_cogvlm
+from affordvla.offline.tiny_cogvlm import write_tiny_cogvlm
 from affordvla.backbones.factory import load_backbone
 
 PATCHES = 16  # (32 / 8)^2

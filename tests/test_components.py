@@ -10,19 +10,19 @@ import torch
 
 from affordvla.backbones.base import IGNORE_INDEX, BackboneLoadError
 from affordvla.backbones.factory import load_backbone
-from affordvla.backbones.llava.tiny import write_tiny_llava
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
-from affordvla.backbones.paligemma.tiny import (
+from affordvla.checkpointing import load_state_dict, save_state_dict
+from affordvla.data.sampling import StepResumableSampler
+from affordvla.formats.sample import KeypointSample
+from affordvla.heads.keypoint_text import KeypointTextHead
+from affordvla.offline.tiny_llava import write_tiny_llava
+from affordvla.offline.tiny_paligemma import (
     LOC_TOKENS,
     SEG_TOKENS,
     build_tokenizer,
     sincos_2d,
 )
-from affordvla.checkpointing import load_state_dict, save_state_dict
-from affordvla.data.sample import KeypointSample
-from affordvla.data.sampling import StepResumableSampler
-from affordvla.evaluation.keypoints import UNPARSED_L2, KeypointEvaluator
-from affordvla.heads.keypoint_text import KeypointTextHead
+from affordvla.metrics.keypoints import UNPARSED_L2, KeypointEvaluator
 from affordvla.optim import warmup_cosine
 
 

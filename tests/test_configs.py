@@ -101,7 +101,7 @@ def test_one_override_switches_the_backbone_and_its_answer_format(backbone, fami
     cfg = _compose([f"backbone={backbone}"])
     assert cfg.head.codec == codec  # each family answers in its anchor project's format
     build = cfg.backbone.build  # every tiny family is pre-trained by the same pointing stage
-    assert build._target_ == "affordvla.backbones.pointing.build_pointing_backbone" and build.family == family
+    assert build._target_ == "affordvla.pretraining.pointing.build_pointing_backbone" and build.family == family
     assert f"pointing{build.steps}" in cfg.backbone.pretrained  # a changed recipe builds a new checkpoint
     assert _compose([f"backbone={backbone}", "head.codec=kalie_json"]).head.codec == "kalie_json"
 
@@ -113,7 +113,7 @@ def test_each_tiny_backbone_recipe_is_shipped_and_matches_its_checkpoint(backbon
     and nobody rebuilt its checkpoint."""
     import json
 
-    from affordvla.backbones.pointing import RECORD_FILE, shipped_checkpoint
+    from affordvla.pretraining.pointing import RECORD_FILE, shipped_checkpoint
 
     cfg = _compose([f"backbone={backbone}"])
     build = cfg.backbone.build

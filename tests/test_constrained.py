@@ -11,19 +11,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from affordvla.backbones.cogvlm.tiny import write_tiny_cogvlm
 from affordvla.backbones.factory import load_backbone
-from affordvla.backbones.llava.tiny import build_tokenizer as llama_tokenizer
-from affordvla.backbones.llava.tiny import write_tiny_llava
-from affordvla.backbones.paligemma.tiny import build_tokenizer as gemma_tokenizer
-from affordvla.backbones.paligemma.tiny import write_tiny_paligemma
-from affordvla.data.sample import KeypointSample
-from affordvla.heads.codecs import (
-    KalieJsonCodec,
-    PaliGemmaLocCodec,
-    RoboPointTupleCodec,
-    make_codec,
-)
+from affordvla.offline.tiny_llava import build_tokenizer as llama_tokenizer
+from affordvla.offline.tiny_llava import write_tiny_llava
+from affordvla.offline.tiny_paligemma import build_tokenizer as gemma_tokenizer
+from affordvla.offline.tiny_paligemma import write_tiny_paligemma
+from affordvla.formats.codecs import KalieJsonCodec, PaliGemmaLocCodec, RoboPointTupleCodec, make_codec
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.constrained import (
     CharAutomaton,
     TokenConstraint,
@@ -31,6 +25,7 @@ from affordvla.heads.constrained import (
     token_texts,
 )
 from affordvla.heads.keypoint_text import KeypointTextHead
+from affordvla.offline.tiny_cogvlm import write_tiny_cogvlm
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from affordvla.data.datamodule import KalieDataModule
 from affordvla.data.generated import GeneratedRootError, generated_name
 from affordvla.data.kalie import KalieFormatError
 from affordvla.locking import ForeignContentError
+from affordvla.offline.toy_kalie import ensure_toy_kalie
 
 
 def tree_checksum(root: Path) -> dict[str, str]:
@@ -31,9 +33,10 @@ def test_generated_folders_are_named_by_every_setting(tmp_path):
     assert generated_name("kalie", small) != generated_name("kalie", small | {"image_size": 32})
     assert generated_name("kalie", small) != generated_name("kalie", small | {"splits": {"train": 40}})
     with pytest.raises(GeneratedRootError, match=r"dataset.root=.*kalie is not a generated-data folder"):
-        KalieDataModule(str(tmp_path / "kalie"), generate=small)
+        KalieDataModule(str(tmp_path / "kalie"), generate=partial(ensure_toy_kalie, **small))
     with pytest.raises(GeneratedRootError, match=r"unknown setting\(s\) \['colour'\]"):
-        KalieDataModule(str(tmp_path / generated_name("kalie", small | {"colour": 1})), generate=small | {"colour": 1})
+        KalieDataModule(str(tmp_path / generated_name("kalie", small | {"colour": 1})),
+                        generate=partial(ensure_toy_kalie, **small, colour=1))
 
 
 def test_a_generated_folder_with_a_users_file_is_refused_before_any_work(tmp_path):
@@ -42,7 +45,7 @@ def test_a_generated_folder_with_a_users_file_is_refused_before_any_work(tmp_pat
     folder.mkdir()
     (folder / "data_jsonformat.json").write_text("{}")
     with pytest.raises(ForeignContentError, match="data_jsonformat.json"):
-        KalieDataModule(str(folder), generate=settings)
+        KalieDataModule(str(folder), generate=partial(ensure_toy_kalie, **settings))
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no lock file beside it either
 
 

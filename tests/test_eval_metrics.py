@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from data_formats import KALIE_ANSWER_TEXT
 
-from affordvla.evaluation.actions import action_metrics, mean_baseline_mse
 from affordvla.evaluation.calvin import (
     load_results,
     long_horizon_metrics,
     require_simulator,
     results_from_sequences,
 )
+from affordvla.metrics.actions import action_metrics, mean_baseline_mse
 
 
 def test_action_metrics_by_hand():
@@ -70,13 +70,13 @@ POINTS = np.array([[397, 93], [500, 250], [640, 410], [600, 400], [700, 420]]) /
 
 
 def _sample():
-    from affordvla.data.sample import KeypointSample
+    from affordvla.formats.sample import KeypointSample
 
     return KeypointSample(np.zeros((4, 4, 3), np.uint8), "Sweep the trash off the table with the brush.", POINTS)
 
 
 def test_evaluator_scores_kalie_answers_as_written():
-    from affordvla.evaluation.keypoints import KeypointEvaluator
+    from affordvla.metrics.keypoints import KeypointEvaluator
 
     evaluator = KeypointEvaluator(kalie_answers=True)
     # the tolerant codec reads both answers; KALIE's json.loads reads only the first (prose before the second)
@@ -89,7 +89,7 @@ def test_evaluator_scores_kalie_answers_as_written():
 
 
 def test_evaluator_renders_other_answer_formats_for_kalie():
-    from affordvla.evaluation.keypoints import KeypointEvaluator
+    from affordvla.metrics.keypoints import KeypointEvaluator
 
     evaluator = KeypointEvaluator()  # e.g. location tokens: compat scores the KALIE answer of the decoded points
     shifted = POINTS + np.array([[0.003, 0.004]] + [[0.0, 0.0]] * 4)  # grasp (400, 97): (9 + 16) / 2 = 12.5

@@ -4,6 +4,7 @@ originals, and the Where2Place scoring of the benchmark callback."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from PIL import Image
 from affordvla.data.generated import generated_name
 from affordvla.data.robopoint import read_where2place
 from affordvla.data.robopoint_datamodule import RoboPointDataModule, read_pointing_index
-from affordvla.data.toy_rlbench import write_toy_rlbench
-from affordvla.data.toy_robopoint import ensure_toy_robopoint
 from affordvla.evaluation.where2place import load_mask
 from affordvla.locking import ForeignContentError
+from affordvla.offline.toy_kalie import ensure_toy_kalie
+from affordvla.offline.toy_rlbench import generate_toy_rlbench, write_toy_rlbench
+from affordvla.offline.toy_robopoint import ensure_toy_robopoint
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_robopoint_datamodule_generates_on_first_use(tmp_path):
     settings = {"seed": 0, "image_size": 32, "images": 10, "where2place": 4}
     root = tmp_path / generated_name("robopoint", settings)
     data = RoboPointDataModule(json_path=str(root / "conv.json"), image_dir=str(root / "img"), root=str(root),
-                               generate=settings)
+                               generate=partial(ensure_toy_robopoint, **settings))
     data.setup()
     assert len(data.splits["train"]) > 0 and len(data.splits["test"]) > 0
     assert len(read_where2place(root / "where2place")) == 4
@@ -73,7 +75,7 @@ def test_robopoint_datamodule_generates_on_first_use(tmp_path):
 
 def test_where2place_callback_scores_perfect_and_empty_answers(toy_robopoint):
     from affordvla.evaluation.benchmark_callbacks import Where2PlaceCallback
-    from affordvla.heads.codecs import make_codec
+    from affordvla.formats.codecs import make_codec
 
     class Head:
         codec = make_codec("robopoint")
@@ -97,7 +99,7 @@ def test_toy_rlbench_reads_as_llarva_actions(tmp_path):
     data = ActionWindowDataModule(source="rlbench", root=str(tmp_path / generated_name("rlbench", settings)),
                                   cameras=("front",), tasks=["open_drawer", "close_jar"], train_split="train",
                                   val_split="val", window_size=5, chunk_size=1, cache_dir=str(tmp_path / "cache"),
-                                  generate=settings)
+                                  generate=partial(generate_toy_rlbench, **settings))
     data.setup()
     meta = data.metadata()
     assert meta["tasks"] == ["open_drawer", "close_jar"] and meta["action_dim"] == 8 and meta["state_dim"] == 7
@@ -130,7 +132,8 @@ def test_kalie_train_subset_keeps_variants_with_their_originals(tmp_path):
 
     settings = {"seed": 0, "image_size": 32, "splits": {"train": 8, "val": 2, "test": 2}}
     root = tmp_path / generated_name("kalie", settings)
-    plain = KalieDataModule(str(root), generate=settings, max_train_samples=3, train_subset_seed=1)
+    plain = KalieDataModule(str(root), generate=partial(ensure_toy_kalie, **settings), max_train_samples=3,
+                            train_subset_seed=1)
     plain.setup()
     assert len(plain.splits["train"]) == 3 and plain.metadata()["max_train_samples"] == 3
     again = KalieDataModule(str(root), max_train_samples=3, train_subset_seed=1)

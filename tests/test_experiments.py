@@ -197,7 +197,8 @@ def test_every_cell_trains_at_smoke_scale_and_logs_its_columns(tmp_path):
 
     # every table renders from those runs: each row found, up to date (same config hash), its measured values and
     # published numbers side by side
-    from affordvla.tracking.tables import OK, REFERENCE, build_table
+    from affordvla.tables import build_table
+    from affordvla.tracking.tables import OK, REFERENCE
 
     for table in TABLES:
         spec, cells, files = build_table(EXPERIMENTS / table, scale="smoke",

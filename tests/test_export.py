@@ -42,7 +42,7 @@ def test_export_of_the_last_checkpoint_equals_the_runs_own_export(lora_run, tmp_
 
 def test_adapter_only_export_on_its_base_matches_the_merged_export(lora_run, tmp_path):
     from affordvla.backbones.factory import load_backbone
-    from affordvla.data.tabletop import make_scenes
+    from affordvla.offline.tabletop import make_scenes
 
     root, cfg = lora_run
     checkpoint = root / "run" / "checkpoints" / "step_000004"

@@ -13,7 +13,7 @@ from affordvla.backbones.finetuning import (
     lora_target_regex,
     quantization_kwargs,
 )
-from affordvla.backbones.llava.tiny import write_tiny_llava
+from affordvla.offline.tiny_llava import write_tiny_llava
 
 
 @pytest.fixture(scope="module")

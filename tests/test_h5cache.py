@@ -125,7 +125,7 @@ def test_keypoint_caches_give_the_reader_samples(tmp_path):
     from affordvla.data.h5cache import KeypointCache
     from affordvla.data.kalie import load_kalie_sample, read_kalie_index
     from affordvla.data.robopoint import point_entry, write_conversations
-    from affordvla.data.toy_kalie import ensure_toy_kalie
+    from affordvla.offline.toy_kalie import ensure_toy_kalie
 
     root = ensure_toy_kalie(tmp_path / "kalie", seed=1, image_size=48, splits={"train": 6, "val": 2, "test": 2})
     assert main(["convert", "kalie", str(root), str(tmp_path / "kalie.h5")]) == 0

@@ -9,7 +9,7 @@ from affordvla.data.kalie_augment import (
     centre_crop_box,
     warp_sample,
 )
-from affordvla.data.sample import KeypointSample
+from affordvla.formats.sample import KeypointSample
 
 GEOMETRY_ONLY = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
 

@@ -11,13 +11,13 @@ import pytest
 from data_formats import KALIE_ANSWER_TEXT
 
 from affordvla.evaluate import main
-from affordvla.evaluation.kalie_compat import (
+from affordvla.formats.codecs import KalieJsonCodec
+from affordvla.metrics.kalie_compat import (
     KalieCompatScorer,
     calculate_errors,
     compat_errors,
     kalie_corrected_scores,
 )
-from affordvla.heads.codecs import KalieJsonCodec
 
 NAMES = ("Grasp Point", "Function Point", "Target Point", "Pre-contact Point", "Post-contact Point")
 
@@ -312,7 +312,7 @@ def _kalie_root(tmp_path, size=(700, 700)):
 
 
 def test_crop_label_points_by_hand():
-    from affordvla.evaluation.kalie_compat import crop_label_points
+    from affordvla.metrics.kalie_compat import crop_label_points
 
     # 700x700 (crop box 125..575): see the comment above CROP_LABEL_0; 5 -> 3.5 rounds half to even -> 4 -> -121
     # -> "000"; 1000 -> 700 -> 575 -> 1277.8 -> 999
@@ -325,7 +325,7 @@ def test_crop_label_points_by_hand():
 
 
 def test_root_labels_are_kalies_crop_scale_texts(tmp_path):
-    from affordvla.evaluation.kalie_compat import read_labels
+    from affordvla.metrics.kalie_compat import read_labels
 
     root = _kalie_root(tmp_path)
     labels = read_labels(root)

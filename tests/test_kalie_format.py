@@ -21,7 +21,7 @@ from affordvla.data.kalie import (
     to_kalie_int,
     write_kalie_dataset,
 )
-from affordvla.data.sample import KALIE_POINT_NAMES
+from affordvla.formats.sample import KALIE_POINT_NAMES
 
 JSON_NAME = "data_jsonformat.json"
 

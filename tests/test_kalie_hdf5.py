@@ -13,7 +13,7 @@ from affordvla.data.kalie_hdf5 import (
     read_collection_hdf5,
     write_collection_hdf5,
 )
-from affordvla.data.sample import KALIE_POINT_NAMES
+from affordvla.formats.sample import KALIE_POINT_NAMES
 
 
 def _points(seed):

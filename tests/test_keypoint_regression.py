@@ -8,14 +8,14 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import assert_learned, fell_by
 
 from affordvla.backbones.factory import load_backbone
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KeypointSample
-from affordvla.data.tabletop import make_scenes
+from affordvla.offline.tabletop import make_scenes
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_regression import KeypointRegressionHead
 from affordvla.module import AffordVLAModule, KeypointRegressionModule
-from conftest import assert_learned, fell_by
 
 TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "vision_layers": 1, "text_layers": 1,
         "intermediate_size": 128}
@@ -24,9 +24,9 @@ TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "vision_layers": 1
 @pytest.fixture(scope="module")
 def tiny_backbones(tmp_path_factory):
     """One freshly initialised tiny checkpoint per family (32 px, one layer each side)."""
-    from affordvla.backbones.cogvlm.tiny import write_tiny_cogvlm
-    from affordvla.backbones.llava.tiny import write_tiny_llava
-    from affordvla.backbones.paligemma.tiny import write_tiny_paligemma
+    from affordvla.offline.tiny_cogvlm import write_tiny_cogvlm
+    from affordvla.offline.tiny_llava import write_tiny_llava
+    from affordvla.offline.tiny_paligemma import write_tiny_paligemma
 
     root = tmp_path_factory.mktemp("regression_backbones")
     builders = {"paligemma": write_tiny_paligemma, "llava": write_tiny_llava, "cogvlm": write_tiny_cogvlm}

@@ -10,7 +10,7 @@ from conftest import assert_learned, fell_by, keypoint_head_and_batch, overfit_k
 
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.llava.modeling import pad_to_square
-from affordvla.backbones.llava.tiny import CLIP_MEAN, write_tiny_llava
+from affordvla.offline.tiny_llava import CLIP_MEAN, write_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def write_original_llava(out, llava_dir, projector="mlp2x_gelu", tower_in_checkp
         LlavaForConditionalGeneration,
     )
 
-    from affordvla.backbones.tokenizer_corpus import train_bpe
+    from affordvla.offline.tokenizer_corpus import train_bpe
 
     model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
     clip_dir = out / "clip"

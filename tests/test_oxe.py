@@ -270,8 +270,8 @@ def test_toy_bridge_reads_back_through_bridges_standardisation(tmp_path):
     """The generated bridge_orig folder is RLDS as the release stores it: the reader drops step 0, relabels the arm
     action from the state and binarises the gripper, which gives back the toy expert's moves and gripper
     commands exactly, and the JPEG frames the toy rendered."""
-    from affordvla.data.toy_actions import ToyActionSettings, generate_episode
-    from affordvla.data.toy_oxe import write_toy_bridge
+    from affordvla.offline.toy_actions import ToyActionSettings, generate_episode
+    from affordvla.offline.toy_oxe import write_toy_bridge
 
     settings = ToyActionSettings(train_episodes=3, val_episodes=1, episode_length=8, seed=5)
     path = write_toy_bridge(tmp_path, settings)

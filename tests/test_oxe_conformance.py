@@ -13,7 +13,7 @@ from PIL import Image
 
 from affordvla.data.oxe import SPECS, OXEFormatError, RLDSDataset, read_features, write_rlds_dataset
 from affordvla.data.tfrecord import encode_example, write_records
-from affordvla.data.toy_oxe import synthetic_episode
+from affordvla.offline.toy_oxe import synthetic_episode
 
 
 def _jpeg(value, shape=(16, 16)):

@@ -51,7 +51,7 @@ def _write_mixture(root, unlabeled: dict[str, dict[str, int]]):
     """bridge_orig and language_table, 3 train / 1 val labelled episodes of 6 steps each, plus `unlabeled`
     episodes per dataset and split whose instruction is empty (language_table: all-zero code points)."""
     from affordvla.data.oxe import write_rlds_dataset
-    from affordvla.data.toy_oxe import synthetic_episode
+    from affordvla.offline.toy_oxe import synthetic_episode
 
     for index, name in enumerate(("bridge_orig", "language_table")):
         episodes = {}

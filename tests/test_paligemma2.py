@@ -14,7 +14,7 @@ from transformers import PaliGemmaForConditionalGeneration
 from affordvla.backbones.factory import load_backbone
 from affordvla.backbones.finetuning import export_backbone
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
-from affordvla.backbones.paligemma.tiny import write_tiny_paligemma
+from affordvla.offline.tiny_paligemma import write_tiny_paligemma
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from conftest import assert_learned, fell_by
 from mlflow import MlflowClient
 
 from affordvla.backbones.factory import FAMILIES
-from affordvla.backbones.pointing import ConvPointingTeacher, build_pointing_backbone, tiny_writer
+from affordvla.pretraining.pointing import ConvPointingTeacher, build_pointing_backbone, tiny_writer
 
 FAMILY_NAMES = sorted(FAMILIES)
 SMALL = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "vision_layers": 2, "text_layers": 1,
@@ -95,7 +95,7 @@ def test_text_pointing_stage_trains_the_whole_model_in_its_own_answer_format(fam
 
 
 def test_command_line_builds_with_the_given_tiny_settings(tmp_path):
-    from affordvla.backbones.pointing import main
+    from affordvla.pretraining.pointing import main
 
     main([str(tmp_path / "cli"), "--family", "paligemma", "--steps", "2", "--corpus-size", "8", "--eval-every", "0",
           "--tiny", "image_size=32", "--tiny", "patch_size=8", "--tiny", "hidden_size=32", "--tiny", "kv_heads=4",
@@ -109,7 +109,7 @@ def test_command_line_builds_with_the_given_tiny_settings(tmp_path):
 def test_recorded_command_rebuilds_the_checkpoint_bit_for_bit(tmp_path):
     """Every built checkpoint carries its recipe and the CLI line that makes it again (how the shipped ones are
     regenerated); that line, run, writes identical weights."""
-    from affordvla.backbones.pointing import RECORD_FILE, main
+    from affordvla.pretraining.pointing import RECORD_FILE, main
 
     built = build_pointing_backbone(tmp_path / "first" / "ckpt", family="paligemma", steps=3, text_steps=2,
                                     text_tower_lr=0.0, teacher_steps=2, corpus_size=16, eval_size=4, batch_size=4,
@@ -119,7 +119,7 @@ def test_recorded_command_rebuilds_the_checkpoint_bit_for_bit(tmp_path):
     assert record["params"]["teacher_steps"] == 2 and record["params"]["distill_weight"] == 10.0
     assert math.isfinite(record["dense_error"]) and 0 <= record["text_error"] <= math.sqrt(2)
     argv = shlex.split(record["command"])
-    assert argv[:4] == ["python", "-m", "affordvla.backbones.pointing", "ckpt"]
+    assert argv[:4] == ["python", "-m", "affordvla.pretraining.pointing", "ckpt"]
     again = tmp_path / "again" / "ckpt"
     main([str(again), *argv[4:], "--eval-every", "0", "--threads", "1"])
     assert (again / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
@@ -166,7 +166,7 @@ def test_teacher_features_are_distilled_into_the_tower(tmp_path):
     """With `teacher_steps`, a CNN learns the dense targets first, then the tower learns them and reproduces its
     features: both stages' losses fall, the teacher's figures are recorded, and the checkpoint keeps the family's
     layout (teacher and adapter are discarded)."""
-    from affordvla.backbones.pointing import RECORD_FILE
+    from affordvla.pretraining.pointing import RECORD_FILE
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     built = build_pointing_backbone(tmp_path / "ckpt", family="paligemma", steps=300, teacher_steps=40, corpus_size=64,
@@ -189,7 +189,7 @@ def test_teacher_features_are_distilled_into_the_tower(tmp_path):
 
 
 def test_a_shipped_checkpoint_of_the_same_recipe_is_copied_not_trained(tmp_path, monkeypatch):
-    from affordvla.backbones import pointing
+    from affordvla.pretraining import pointing
 
     recipe = {"family": "paligemma", "steps": 2, "corpus_size": 8, "eval_size": 4, "batch_size": 4, "scene_size": 32,
               **SMALL}
@@ -217,9 +217,9 @@ def test_each_shipped_checkpoint_points_at_objects_it_has_never_seen(family):
     its own format on fresh scenes (a seed stream no build used) about as well as its build recorded on its
     held-out scenes (0.046 for PaliGemma)."""
 
-    from affordvla.backbones.pointing import NATIVE_CODECS, RECORD_FILE, SHIPPED_DIR, _pixels, object_centres
-    from affordvla.data.tabletop import make_scenes
-    from affordvla.heads.codecs import make_codec
+    from affordvla.offline.tabletop import make_scenes
+    from affordvla.formats.codecs import make_codec
+    from affordvla.pretraining.pointing import NATIVE_CODECS, RECORD_FILE, SHIPPED_DIR, _pixels, object_centres
 
     (shipped,) = [path for path in SHIPPED_DIR.iterdir() if path.name.startswith(f"{family}-tiny-")]
     recorded = json.loads((shipped / RECORD_FILE).read_text())["text_error"]

@@ -16,7 +16,6 @@ from affordvla.data.action_datamodule import (
     ActionWindowDataModule,
     collate_action_windows,
 )
-from affordvla.data.toy_actions import scripted_action
 from affordvla.heads.action_normalization import ActionNormalizer
 from affordvla.heads.language_actions import (
     ActionTokenizer,
@@ -24,6 +23,7 @@ from affordvla.heads.language_actions import (
     TextActionHead,
 )
 from affordvla.heads.policy_heads import HEADS, policy_loss
+from affordvla.offline.toy_actions import generate_toy_calvin, scripted_action
 from affordvla.policy_module import ActionPolicyModule
 from affordvla.rollout import PolicyRunner
 
@@ -39,7 +39,7 @@ def toy_root(tmp_path_factory):
 
 def _datamodule(root, window: int, chunk: int = 3) -> ActionWindowDataModule:
     dm = ActionWindowDataModule("calvin", str(root), window_size=window, chunk_size=chunk, batch_size=4,
-                                cameras=("rgb_static",), generate=TOY)
+                                cameras=("rgb_static",), generate=functools.partial(generate_toy_calvin, **TOY))
     dm.prepare_data()
     dm.setup("fit")
     return dm

@@ -13,6 +13,7 @@ from conftest import compose_train
 from mlflow import MlflowClient
 from safetensors.torch import save_file
 
+from affordvla import reproduce as reproduce_command
 from affordvla.checkpointing import load_state_dict, save_state_dict
 from affordvla.tracking import reproduce
 from affordvla.tracking.mlflow_setup import ensure_experiment
@@ -30,7 +31,7 @@ def test_a_smoke_run_reproduces_bit_for_bit_and_tampering_is_caught(tmp_path, sm
     run_id = original.info.run_id
 
     again_dir = tmp_path / "again"
-    code = reproduce.main([run_id, "--tracking-uri", uri, "--output-dir", str(again_dir), "--report",
+    code = reproduce_command.main([run_id, "--tracking-uri", uri, "--output-dir", str(again_dir), "--report",
                            str(tmp_path / "report.json")])
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
@@ -48,11 +49,11 @@ def test_a_smoke_run_reproduces_bit_for_bit_and_tampering_is_caught(tmp_path, sm
     # a metric changed after the fact: caught, named, and forgiven only within the tolerance
     value = original.data.metrics["test/keypoint_error"]
     client.log_metric(again_id, "test/keypoint_error", value * (1 + 1e-6), step=999)
-    assert reproduce.main([run_id, "--tracking-uri", uri, "--against", again_id, "--format", "json"]) == 1
+    assert reproduce_command.main([run_id, "--tracking-uri", uri, "--against", again_id, "--format", "json"]) == 1
     tampered = json.loads(capsys.readouterr().out)
     assert list(tampered["metrics"]["differing"]) == ["test/keypoint_error"]
     assert tampered["weights"]["match"] and tampered["config_hash"]["match"]
-    assert reproduce.main([run_id, "--tracking-uri", uri, "--against", again_id, "--rtol", "1e-5"]) == 0
+    assert reproduce_command.main([run_id, "--tracking-uri", uri, "--against", again_id, "--rtol", "1e-5"]) == 0
     capsys.readouterr()
 
     # one weight nudged in the reproduced export
@@ -62,7 +63,7 @@ def test_a_smoke_run_reproduces_bit_for_bit_and_tampering_is_caught(tmp_path, sm
     tensors[name] = tensors[name] + 1e-3
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights_file))
     client.log_metric(again_id, "test/keypoint_error", value, step=1000)
-    assert reproduce.main([run_id, "--tracking-uri", uri, "--against", again_id, "--format", "json"]) == 1
+    assert reproduce_command.main([run_id, "--tracking-uri", uri, "--against", again_id, "--format", "json"]) == 1
     tampered = json.loads(capsys.readouterr().out)
     assert tampered["metrics"]["match"]
     assert list(tampered["weights"]["differing"]) == [name]
@@ -150,14 +151,14 @@ def test_git_comparison_warns_only():
 
 def test_unknown_run_and_a_run_without_a_logged_config(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert reproduce.main(["0" * 32, "--tracking-uri", uri]) == 2
+    assert reproduce_command.main(["0" * 32, "--tracking-uri", uri]) == 2
     assert f"MLflow store {uri} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()  # reading never creates a store
     client = MlflowClient(uri)
     client.search_experiments()
-    assert reproduce.main(["0" * 32, "--tracking-uri", uri]) == 2
+    assert reproduce_command.main(["0" * 32, "--tracking-uri", uri]) == 2
     assert f"run '{'0' * 32}' not found in {uri}" in capsys.readouterr().err
     run = client.create_run(ensure_experiment(client, "other"))
     client.set_terminated(run.info.run_id)
-    assert reproduce.main([run.info.run_id, "--tracking-uri", uri]) == 2
+    assert reproduce_command.main([run.info.run_id, "--tracking-uri", uri]) == 2
     assert f"run {run.info.run_id} has no artifact run/overrides.json" in capsys.readouterr().err

@@ -6,14 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from affordvla.data.llarva import (
-    episode_records,
-    llarva_answer,
-    llarva_prompt,
-    parse_llarva_action,
-    project_points,
-    write_llarva_annotations,
-)
+from affordvla.data.llarva import episode_records, project_points, write_llarva_annotations
 from affordvla.data.rlbench import (
     RLBenchFormatError,
     decode_depth,
@@ -24,6 +17,7 @@ from affordvla.data.rlbench import (
     write_episode,
 )
 from affordvla.data.safe_pickle import UnsafePickleError
+from affordvla.formats.llarva import llarva_answer, llarva_prompt, parse_llarva_action
 
 K = np.array([[100.0, 0, 64], [0, 100.0, 64], [0, 0, 1]])
 

@@ -15,8 +15,8 @@ from affordvla.data.robopoint import (
     write_conversations,
 )
 from affordvla.data.robopoint_datamodule import RoboPointDataModule
-from affordvla.data.sample import KeypointSample
-from affordvla.evaluation.keypoints import UNPARSED_L2, KeypointEvaluator
+from affordvla.formats.sample import KeypointSample
+from affordvla.metrics.keypoints import UNPARSED_L2, KeypointEvaluator
 
 NUM_IMAGES = 10
 

@@ -14,10 +14,14 @@ import pytest
 from conftest import compose_train
 from PIL import Image
 
-from affordvla.data.toy_actions import GENERATOR_VERSION, START_HEIGHT, generate_episode
 from affordvla.evaluate import main
 from affordvla.evaluation.rollouts import STRIP_COLUMNS, run_chains, run_episodes
-from affordvla.evaluation.toy_env import (
+from affordvla.offline.toy_actions import (
+    GENERATOR_VERSION,
+    START_HEIGHT,
+    generate_episode,
+)
+from affordvla.offline.toy_env import (
     LIFT_HEIGHT,
     RandomAgent,
     ToyActionEnv,

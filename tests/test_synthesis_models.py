@@ -12,17 +12,22 @@ import numpy as np
 import pytest
 import torch
 
+from affordvla.offline.tiny_synthesis import (
+    ensure_tiny_models,
+    tiny_backend,
+    tiny_grounded_sam,
+)
 from affordvla.synthesis.annotators import ANNOTATORS, make_annotator
+from affordvla.synthesis.checkpoints import CheckpointError
 from affordvla.synthesis.inpaint import (
     ControlNetInpaintBackend,
     _soft_injection,
     feather,
     only_masked_box,
     scaled_pixels,
-    tiny_backend,
 )
 from affordvla.synthesis.interfaces import InpaintRequest
-from affordvla.synthesis.masks import GroundedSamMasks, tiny_grounded_sam
+from affordvla.synthesis.masks import GroundedSamMasks
 from affordvla.synthesis.prompts import (
     SYSTEM_PROMPT,
     ChatFilter,
@@ -33,7 +38,6 @@ from affordvla.synthesis.prompts import (
     generation_prompt,
     parse_description_list,
 )
-from affordvla.synthesis.tiny_models import CheckpointError, ensure_tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -362,7 +366,7 @@ def test_prompt_parsing_and_alternatives():
 
 
 def test_timing_helpers(tiny):
-    from affordvla.synthesis.bench_models import build_sd15_random, time_tiny_inpaint
+    from affordvla.offline.synthesis_timing import build_sd15_random, time_tiny_inpaint
 
     timing = time_tiny_inpaint(tiny["stable_diffusion"].parent, repeats=1)
     assert timing["inpaint_median_s"] > 0 and timing["steps"] == 20

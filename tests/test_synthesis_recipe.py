@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 from PIL import Image
 
 from affordvla.data.kalie import KalieFormatError, load_kalie_sample, read_kalie_index
-from affordvla.data.sample import KALIE_POINT_NAMES
-from affordvla.data.toy_kalie import ensure_toy_kalie
+from affordvla.offline.toy_kalie import ensure_toy_kalie
+from affordvla.formats.sample import KALIE_POINT_NAMES
 from affordvla.synthesis.annotators import make_annotator
 from affordvla.synthesis.compositing import CompositingBackend
 from affordvla.synthesis.dataset_masks import DatasetMasks
@@ -313,8 +314,9 @@ def test_training_hook_varies_only_the_training_split(tmp_path):
     from affordvla.data.datamodule import KalieDataModule
     from affordvla.data.generated import generated_name
 
-    generate = {"seed": 2, "image_size": 48, "splits": {"train": 3, "val": 1, "test": 2}}
-    toy = tmp_path / generated_name("kalie", generate)  # generated data goes only to a folder named by its settings
+    settings = {"seed": 2, "image_size": 48, "splits": {"train": 3, "val": 1, "test": 2}}
+    toy = tmp_path / generated_name("kalie", settings)  # generated data goes only to a folder named by its settings
+    generate = partial(ensure_toy_kalie, **settings)
     dm = KalieDataModule(str(toy), generate=generate)
     cfg = OmegaConf.create({"name": "kalie_compositing", "splits": ["train"], "output_root": str(tmp_path / "synth"),
                             "output_dir": None, "progress": False, "recipe": {

@@ -12,8 +12,9 @@ from conftest import compose_train, log_finished_run
 from mlflow import MlflowClient
 from PIL import Image
 
-from affordvla.tracking import tables
+from affordvla import tables
 from affordvla.tracking.run_record import config_hash
+from affordvla.tracking.tables import Row, TableError, TableSpec, current_hash, load_spec
 
 SPEC = {
     "title": "Toy heads",
@@ -39,12 +40,12 @@ def _write_spec(folder: Path, spec: dict) -> Path:
     return folder
 
 
-_SPEC_FOR_HASH = tables.TableSpec(path=Path("table.yaml"), name="t", title="t", columns=[], rows=[])
+_SPEC_FOR_HASH = TableSpec(path=Path("table.yaml"), name="t", title="t", columns=[], rows=[])
 
 
 def _hash(experiment: str, *extra: str) -> str:
     """The config hash of a cell as affordvla-table composes it."""
-    return tables.current_hash(_SPEC_FOR_HASH, tables.Row("r", experiment), [f"experiment={experiment}", *extra])
+    return current_hash(_SPEC_FOR_HASH, Row("r", experiment), [f"experiment={experiment}", *extra])
 
 
 def _log_run(client: MlflowClient, experiment: str, *, tags: dict, metrics: dict, start: int,
@@ -198,8 +199,8 @@ def _broken(spec_change) -> dict:
 ])
 def test_malformed_spec_names_the_file_and_the_entry(tmp_path, change, expected):
     folder = _write_spec(tmp_path / "bad", _broken(change))
-    with pytest.raises(tables.TableError) as excinfo:
-        tables.load_spec(folder)
+    with pytest.raises(TableError) as excinfo:
+        load_spec(folder)
     assert str(excinfo.value).startswith(f"{folder / 'table.yaml'}: ")
     assert expected in str(excinfo.value)
 
@@ -210,16 +211,16 @@ def test_missing_spec_invalid_yaml_and_unknown_experiment(tmp_path, capsys):
     assert f"{tmp_path / 'empty' / 'table.yaml'}: not found" in capsys.readouterr().err
     (tmp_path / "yaml").mkdir()
     (tmp_path / "yaml" / "table.yaml").write_text("rows: [\n")
-    with pytest.raises(tables.TableError, match="not valid YAML"):
-        tables.load_spec(tmp_path / "yaml")
+    with pytest.raises(TableError, match="not valid YAML"):
+        load_spec(tmp_path / "yaml")
     spec = _broken(lambda s: s["rows"][1].update({"experiment": "kalie_ablations/no_such_cell"}))
     folder = _write_spec(tmp_path / "unknown", spec)
     assert tables.main([str(folder), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
     err = capsys.readouterr().err
     assert f"{folder / 'table.yaml'}: row 'mlp': unknown experiment config 'kalie_ablations/no_such_cell'" in err
-    with pytest.raises(tables.TableError, match="smoke_overrides choose scale=smoke but --scale smoke_b"):
+    with pytest.raises(TableError, match="smoke_overrides choose scale=smoke but --scale smoke_b"):
         tables.build_table(_write_spec(tmp_path / "ok", SPEC), scale="smoke_b", tracking_uri=f"sqlite:///{tmp_path}/m.db")
-    with pytest.raises(tables.TableError, match="scale must be 'full' or a name starting with 'smoke'"):
+    with pytest.raises(TableError, match="scale must be 'full' or a name starting with 'smoke'"):
         tables.build_table(tmp_path / "ok", scale="medium", tracking_uri=f"sqlite:///{tmp_path}/m.db")
 
 

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from affordvla.data.kalie import load_kalie_sample, read_kalie_index
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KALIE_POINT_NAMES
-from affordvla.data.tabletop import make_scene
-from affordvla.data.toy_kalie import ensure_toy_kalie
+from affordvla.offline.tabletop import make_scene
+from affordvla.offline.toy_kalie import ensure_toy_kalie
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.formats.sample import KALIE_POINT_NAMES
 from affordvla.locking import ForeignContentError
 
 SPLITS = {"train": 10, "val": 3, "test": 5}

@@ -95,8 +95,8 @@ def evaluate_keypoints(model_dir: str | Path, data_root: str | Path | None = Non
     (codec, codec_kwargs, prompt_style, constrained, max_new_tokens, prefix_lm, centre_crop) override. The data
     defaults to the run's dataset (the export's dataset_metadata.json)."""
     from affordvla.data.datamodule import KalieDataModule
-    from affordvla.evaluation.keypoints import KeypointEvaluator
     from affordvla.heads.keypoint_text import KeypointTextHead
+    from affordvla.metrics.keypoints import KeypointEvaluator
 
     model_dir = Path(model_dir)
     _family(model_dir)  # a folder that is not a model fails here, before the settings are looked for
@@ -211,8 +211,8 @@ def read_answer_lines(path: str | Path) -> list:
 def evaluate_kalie_predictions(predictions: str | Path, labels: str | Path, formatstyle: str = "json"
                                ) -> dict[str, Any]:
     """KALIE's offline scores of a predictions file, compat and corrected side by side (formats: the
-    docstring of evaluation/kalie_compat.py)."""
-    from affordvla.evaluation.kalie_compat import read_labels, read_predictions, score_predictions
+    docstring of metrics/kalie_compat.py)."""
+    from affordvla.metrics.kalie_compat import read_labels, read_predictions, score_predictions
 
     return score_predictions(read_predictions(predictions), read_labels(labels, formatstyle), formatstyle,
                              source=str(labels))

@@ -4,7 +4,8 @@
     affordvla-export --checkpoint <run>/checkpoints/step_000300 [--config FILE] [--out DIR] [--adapter-only]
 
 By default LoRA (if the run trained any) is merged into the weights and the export holds what `affordvla-train`
-writes to `export_dir`: the backbone as a checkpoint directory, the head's files, dataset_metadata.json. With
+writes to `export_dir`: the backbone as a checkpoint directory, the head's weights, policy.json (what
+`affordvla.policies.load_policy` reads) and dataset_metadata.json. With
 `--adapter-only` the backbone is written as its LoRA adapter alone (peft format, loadable with
 `backbone.adapter=<dir>` on the run's base checkpoint) beside the same head files. The module is rebuilt from the
 run's recorded config (config_resolved.yaml in the run folder) and the checkpoint's weights. The output folder
@@ -23,11 +24,10 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from affordvla.backbones.finetuning import export_backbone, has_lora
+from affordvla.backbones.finetuning import has_lora
 from affordvla.checkpointing import check_checkpoint_matches, read_checkpoint
 from affordvla.cli import console_command
-from affordvla.policy_module import ActionPolicyModule
-from affordvla.tracking.run_record import KEYPOINT_TEXT_HEAD, run_decoding_settings, write_decoding_record
+from affordvla.policies import PolicyModule
 
 log = logging.getLogger("affordvla.export")
 EXPORT_MARKER = "affordvla_export.json"
@@ -55,35 +55,27 @@ def check_export_dir(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
-def build_module(cfg: DictConfig, metadata: dict[str, Any]):
-    """A fresh module as the config and the dataset describe it (a policy module sizes its head from the
-    dataset's metadata): the container trained weights are loaded into for an export."""
-    module = instantiate(cfg.module, backbone=instantiate(cfg.backbone), head=instantiate(cfg.head))
-    if hasattr(module, "configure_from_metadata"):
-        module.configure_from_metadata(metadata)
+def build_module(cfg: DictConfig, metadata: dict[str, Any]) -> PolicyModule:
+    """A fresh module as the config and the dataset describe it (the head is sized from the dataset's metadata):
+    the container trained weights are loaded into for an export."""
+    module: PolicyModule = instantiate(cfg.module, backbone=instantiate(cfg.backbone), head=instantiate(cfg.head))
+    module.configure_from_metadata(metadata)
     return module
 
 
-def write_export(module, cfg: DictConfig, out_dir: str | Path, metadata: dict[str, Any], *, merge: bool = True,
+def write_export(module: PolicyModule, out_dir: str | Path, *, merge: bool = True,
                  source: dict[str, Any] | None = None) -> Path:
-    """Write `module` for use without training: the backbone (LoRA merged, or with `merge=False` the adapter
-    alone), the head's files and the dataset metadata. `affordvla-train` (to `export_dir`) and `affordvla-export`
-    both write through here. The marker is written first, so an interrupted export can be written over."""
+    """Write `module` for use without training (`PolicyModule.export`: the backbone, LoRA merged or with
+    `merge=False` the adapter alone, the head's weights and policy.json), and the dataset metadata beside it.
+    `affordvla-train` (to `export_dir`) and `affordvla-export` both write through here. The marker is written
+    first, so an interrupted export can be written over."""
     out_dir = check_export_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"merged": merge or not has_lora(module.backbone), **(source or {})}
     marker = out_dir / EXPORT_MARKER
     marker.write_text(json.dumps(record | {"complete": False}, indent=2))
-    export_backbone(module.backbone, out_dir, merge=merge)
-    if isinstance(module, ActionPolicyModule):  # its head is rebuilt from config: record that
-        module.export_policy(out_dir, build={"head": OmegaConf.to_container(cfg.head, resolve=True),
-                                             "prefix_lm": cfg.backbone.get("prefix_lm")})
-    elif hasattr(module, "export_policy"):  # the keypoint regression head records its own settings
-        module.export_policy(out_dir)
-    elif cfg.head.get("_target_") == KEYPOINT_TEXT_HEAD:  # evaluation must decode as this run did
-        parts = {part: OmegaConf.to_container(cfg[part], resolve=True) for part in ("dataset", "head", "backbone")}
-        write_decoding_record(out_dir, run_decoding_settings(parts))
-    (out_dir / "dataset_metadata.json").write_text(json.dumps(metadata, indent=2))
+    module.export(out_dir, merge=merge, source=source)
+    (out_dir / "dataset_metadata.json").write_text(json.dumps(module.dataset_metadata, indent=2))
     marker.write_text(json.dumps(record | {"complete": True}, indent=2))
     return out_dir
 
@@ -164,7 +156,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, config: st
     module.load_state_dict(state["state_dict"], strict=True)
     step = state.get("global_step")
     log.info("exporting %s (step %s) to %s", checkpoint, step, out_dir)
-    return write_export(module.eval(), cfg, out_dir, metadata, merge=not adapter_only,
+    return write_export(module.eval(), out_dir, merge=not adapter_only,
                         source={"checkpoint": str(checkpoint), "step": step, **(source or {})})
 
 

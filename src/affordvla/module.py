@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from affordvla.backbones.base import VLMBackbone
-from affordvla.data.sample import KeypointSample
-from affordvla.evaluation.keypoints import KeypointEvaluator
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_regression import KeypointRegressionHead
 from affordvla.heads.keypoint_text import KeypointTextHead
+from affordvla.metrics.keypoints import KeypointEvaluator
 
 log = logging.getLogger(__name__)
 

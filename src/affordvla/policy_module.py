@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from affordvla.backbones.base import VLMBackbone
-from affordvla.evaluation.actions import action_metrics
 from affordvla.heads.action_normalization import ActionNormalizer
 from affordvla.heads.language_actions import LanguageActionHead
 from affordvla.heads.policy_heads import PolicyHead, policy_loss
+from affordvla.metrics.actions import action_metrics
 
 log = logging.getLogger(__name__)
 FORMULATIONS = ("policy_head", "interleaved")

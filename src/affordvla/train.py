@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, get_method, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
@@ -29,6 +28,8 @@ from affordvla.distributed import (
     wants_backbone,
 )
 from affordvla.export import build_module, write_export
+from affordvla.policies import PolicyModule
+from affordvla.paths import CONFIG_DIR
 from affordvla.preflight import check_run_config
 from affordvla.synthesis.pipeline import apply_synthesis
 from affordvla.tracking.run_record import (
@@ -40,7 +41,6 @@ from affordvla.tracking.run_record import (
 )
 
 log = logging.getLogger("affordvla.train")
-CONFIG_DIR = os.environ.get("AFFORDVLA_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
 
 def _instantiate_group(group: DictConfig | None, **kwargs) -> list[Any]:
@@ -77,17 +77,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     choices, overrides, output_dir = _hydra_runtime()
 
     datamodule = apply_synthesis(cfg.get("synthesis"), instantiate(cfg.dataset))  # synthesis=none: unchanged
-    _check_pairing(cfg, datamodule)
-    # the data is generated, read and pre-flight checked, and the head matched to it, before any model is built
+    check_pairing(get_class(cfg.module._target_), datamodule, cfg)
+    # the data is generated, read and pre-flight checked before any model is built
     datamodule.prepare_data()
     datamodule.setup("fit")
-    head = instantiate(cfg.head)
-    if hasattr(head, "match_point_count"):
-        head.match_point_count(getattr(datamodule, "points_per_sample", None))
     backbone = instantiate(cfg.backbone)
-    module = instantiate(cfg.module, backbone=backbone, head=head)
-    if hasattr(module, "make_collate"):
-        datamodule.collate = module.make_collate()
+    module: PolicyModule = instantiate(cfg.module, backbone=backbone, head=instantiate(cfg.head))
+    module.configure_from_metadata(datamodule.metadata())  # sizes the head and checks it against the data
+    datamodule.collate = module.make_collate()
 
     tags = run_tags(choices, cfg.task_name, cfg_hash, scale=cfg.get("scale_tag")) | sweep_tags(overrides)
     loggers = _instantiate_group(cfg.get("logger"), tags=tags)
@@ -131,8 +128,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # every rank enters: under FSDP the full weights are gathered (a collective) into a module on rank 0
         with module_for_export(trainer, module, lambda: build_module(cfg, datamodule.metadata())) as trained:
             if trained is not None:
-                write_export(trained, cfg, cfg.export_dir, datamodule.metadata(),
-                             source={"run_dir": str(output_dir), "step": trainer.global_step})
+                write_export(trained, cfg.export_dir, source={"run_dir": str(output_dir),
+                                                               "step": trainer.global_step})
     if rank_zero:
         metrics_file = output_dir / "metrics.json"
         metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -147,25 +144,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _strategy(cfg: DictConfig, backbone) -> dict[str, Any]:
     """`trainer.strategy` built here when it is a factory that needs the backbone (FSDP wraps the backbone's own
     block classes); otherwise left to the trainer's instantiation."""
-    from hydra.utils import get_method
-
     spec = cfg.trainer.get("strategy")
     if not isinstance(spec, DictConfig) or "_target_" not in spec or not wants_backbone(get_method(spec._target_)):
         return {}
     return {"strategy": instantiate(spec, backbone=backbone)}
 
 
-def _check_pairing(cfg: DictConfig, datamodule) -> None:
+def check_pairing(module_class: type[PolicyModule], datamodule, cfg: DictConfig) -> None:
     """The module must train on the kind of samples the dataset yields. Checked before the backbone is built: a
     mismatch should cost seconds, not a checkpoint build."""
-    from hydra.utils import get_class
-
-    wanted = getattr(get_class(cfg.module._target_), "sample_kind", "keypoints")
-    given = getattr(datamodule, "sample_kind", "keypoints")
+    wanted, given = module_class.sample_kind, datamodule.sample_kind
     if wanted != given:
         name = cfg.dataset.get("name", cfg.dataset.get("source"))
-        hint = ("module=action_policy with an action head (lstm, gpt, mlp, discrete, text_actions)"
-                if given == "action_window" else "module=keypoint_text with head=keypoint_text")
+        hint = ("module=action_policy (continuous heads: lstm, gpt, mlp) or module=language_actions (discrete, "
+                "text_actions)" if given == "action_window" else "module=keypoint_text or module=keypoint_regression")
         raise ValueError(f"dataset {name!r} yields {given} samples but module {cfg.module._target_} trains on "
                          f"{wanted} samples; use {hint}")
 

@@ -20,7 +20,7 @@ SMOKE_BACKBONE = {"seed": 0, "image_size": 32, "patch_size": 8, "hidden_size": 6
 @pytest.fixture(scope="module")
 def smoke_paligemma(tmp_path_factory) -> Path:
     """A smoke-sized PaliGemma checkpoint (as scale=smoke builds one), copied into each case's user folder."""
-    from affordvla.backbones.paligemma.tiny import write_tiny_paligemma
+    from affordvla.offline.tiny_paligemma import write_tiny_paligemma
 
     return write_tiny_paligemma(tmp_path_factory.mktemp("models") / "paligemma", **SMOKE_BACKBONE)
 
@@ -151,7 +151,7 @@ def test_ckpt_path_of_another_backbone_family(workspace):
     """A checkpoint of a LLaVA run given to a PaliGemma run: few tensors match, and the counts say so (instead of
     Lightning's list of hundreds of missing and unexpected keys)."""
     from affordvla.backbones.llava.modeling import LlavaBackbone
-    from affordvla.backbones.llava.tiny import write_tiny_llava
+    from affordvla.offline.tiny_llava import write_tiny_llava
 
     llava = LlavaBackbone.from_pretrained(write_tiny_llava(workspace.project / "llava", **SMOKE_BACKBONE))
     state = {f"backbone.model.{key}": value for key, value in llava.model.state_dict().items()}
@@ -196,7 +196,7 @@ def test_real_backbone_without_its_checkpoint(workspace):
 def test_pretrained_holding_the_weights_of_another_family(workspace, smoke_paligemma):
     """A PaliGemma folder whose model.safetensors was overwritten with a LLaVA's: refused, naming the folder,
     instead of loading with tensors initialised at random."""
-    from affordvla.backbones.llava.tiny import write_tiny_llava
+    from affordvla.offline.tiny_llava import write_tiny_llava
 
     model = _user_copy(workspace, smoke_paligemma, "paligemma")
     llava = write_tiny_llava(workspace.project / "llava", **SMOKE_BACKBONE)

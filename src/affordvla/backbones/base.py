@@ -157,7 +157,7 @@ class VLMBackbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def vision_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, patches, vision width): what the projector reads, one row per patch in row-major order (no CLS).
-        The dense pointing stage (backbones/pointing.py) trains the vision tower on these."""
+        The dense pointing stage (pretraining/pointing.py) trains the vision tower on these."""
 
     # --- embedding level (policy heads splice learnable tokens into the sequence) ---------------------------
     # The defaults follow transformers' multimodal layout (`model.model.get_image_features`,

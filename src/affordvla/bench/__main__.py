@@ -75,8 +75,8 @@ def bench_backbone_learning() -> dict[str, float]:
 
 
 def bench_train_step() -> dict[str, float]:
-    from affordvla.backbones.pointing import build_pointing_backbone
     from affordvla.bench import train_step
+    from affordvla.pretraining.pointing import build_pointing_backbone
 
     backbone = Path("outputs/bench/work/paligemma-tiny-timing")
     if not (backbone / "config.json").exists():  # weights do not matter for timing: skip the pre-training

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from affordvla.backbones.pointing import NATIVE_CODECS, tiny_writer
+from affordvla.pretraining.pointing import NATIVE_CODECS, tiny_writer
 
 FAMILIES = ("paligemma", "llava", "cogvlm")
 LORA = {"rank": 8, "alpha": 16, "dropout": 0.0}
@@ -60,9 +60,9 @@ class LiveTensorMemory(TorchDispatchMode):
 
 
 def _batch(backbone, head, batch_size: int):
-    from affordvla.data.kalie_tasks import TASKS
-    from affordvla.data.sample import KeypointSample
-    from affordvla.data.tabletop import make_scenes
+    from affordvla.offline.tabletop import make_scenes
+    from affordvla.formats.kalie_tasks import TASKS
+    from affordvla.formats.sample import KeypointSample
     from affordvla.module import KeypointBatchCollator
 
     samples = [KeypointSample(image=s.image, instruction=TASKS[s.task].instruction, keypoints=s.keypoints,

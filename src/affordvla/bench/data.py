@@ -36,7 +36,7 @@ def _rate(count: int, run: Callable[[], int]) -> float:
 
 def _kalie(work: Path) -> float:
     from affordvla.data.kalie import load_kalie_sample, read_kalie_index
-    from affordvla.data.toy_kalie import ensure_toy_kalie
+    from affordvla.offline.toy_kalie import ensure_toy_kalie
 
     root = work / "kalie"
     ensure_toy_kalie(root, seed=3, image_size=128, splits={"train": 200, "val": 0, "test": 0})
@@ -113,7 +113,7 @@ def _oxe(work: Path) -> dict[str, float]:
     """The five-dataset mixture streamed (each in its published layout, frames resized to 64 px): windows per
     second, and the peak traced memory of a pass over 1x and 10x the episodes with the same shuffle buffer."""
     from affordvla.data.oxe import stream_mixture
-    from affordvla.data.toy_oxe import write_toy_mixture
+    from affordvla.offline.toy_oxe import write_toy_mixture
 
     steps, episodes = 20, 8
     figures = {}

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affordvla.backbones.pointing import NATIVE_CODECS, tiny_writer
+from affordvla.backbones.base import IGNORE_INDEX
+from affordvla.pretraining.pointing import NATIVE_CODECS, tiny_writer
 
 log = logging.getLogger(__name__)
 FAMILIES = ("paligemma", "llava", "cogvlm")
@@ -191,7 +192,7 @@ def measure(family: str, *, batch_size: int, steps: int = 5, warmup: int = 2, de
         backbone = real_size_backbone(family, device, dtype, Path(work), **shrink)
     apply_lora(backbone, LoraSettings(**LORA))
     head, pixels, inputs = lora_step_inputs(backbone, batch_size, device, dtype)
-    answer = int((inputs["labels"] != -100).sum(dim=1).max()) + 1
+    answer = int((inputs["labels"] != IGNORE_INDEX).sum(dim=1).max()) + 1
     optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:

@@ -45,7 +45,7 @@ def _compositing_recipe(num_variants: int, seed: int = 0):
 
 
 def _throughput(work: Path) -> dict[str, float]:
-    from affordvla.data.toy_kalie import ensure_toy_kalie
+    from affordvla.offline.toy_kalie import ensure_toy_kalie
     from affordvla.synthesis.pipeline import synthesize_dataset
 
     source = ensure_toy_kalie(work / "toy_throughput", seed=11, image_size=128,
@@ -60,13 +60,13 @@ def _throughput(work: Path) -> dict[str, float]:
 def _diffusion_share(work: Path, tiny_root: Path = Path("outputs/artifacts/synthesis_tiny")) -> dict[str, float]:
     """The stage with the diffusion backend (ControlNet inpainting, KALIE's 20 steps and CFG 7) on the project's
     tiny offline checkpoints at a 64-px working size: what the stage costs around the diffusion calls."""
-    from affordvla.data.toy_kalie import ensure_toy_kalie
+    from affordvla.offline.tiny_synthesis import ensure_tiny_models
+    from affordvla.offline.toy_kalie import ensure_toy_kalie
     from affordvla.synthesis.annotators import make_annotator
     from affordvla.synthesis.dataset_masks import DatasetMasks
     from affordvla.synthesis.inpaint import ControlNetInpaintBackend
     from affordvla.synthesis.pipeline import synthesize_dataset
     from affordvla.synthesis.recipe import KalieRecipe
-    from affordvla.synthesis.tiny_models import ensure_tiny_models
 
     models = ensure_tiny_models(tiny_root, ["stable_diffusion", "controlnet"])  # shared with synthesis=kalie
     backend = ControlNetInpaintBackend(models["stable_diffusion"], models["controlnet"], device="cpu",
@@ -107,7 +107,7 @@ def _held_out_split(work: Path, sizes: dict[str, int]) -> Path:
         read_kalie_index,
         write_kalie_dataset,
     )
-    from affordvla.data.toy_kalie import ensure_toy_kalie
+    from affordvla.offline.toy_kalie import ensure_toy_kalie
 
     pool = ensure_toy_kalie(work / f"toy_pool{sizes['pool']}", seed=21, image_size=128, splits={"pool": sizes["pool"]})
     seen, unseen = [], []

@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KeypointSample
-from affordvla.data.tabletop import make_scenes
+from affordvla.offline.tabletop import make_scenes
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_text import KeypointTextHead
 from affordvla.module import AffordVLAModule
 from affordvla.optim import warmup_cosine

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.calvin import LANG_FILE
 from affordvla.data.checks import require_dir, require_file
-from affordvla.data.generated import check_generated_root
-from affordvla.data.sample import ActionWindowSample
+from affordvla.data.generated import check_generator
 from affordvla.data.sampling import StepResumableSampler
+from affordvla.formats.sample import ActionWindowSample
 
 log = logging.getLogger(__name__)
 SOURCES = ("calvin", "oxe", "rlbench")
-# what `generate` may set, per source: the toy episodes' settings (CALVIN, OXE), the fixture's (RLBench)
-_TOY_EPISODES = ("train_episodes", "val_episodes", "episode_length", "distractors", "seed")
-GENERATOR_SETTINGS = {"calvin": _TOY_EPISODES, "oxe": _TOY_EPISODES,
-                      "rlbench": ("train_episodes", "val_episodes", "episode_length", "image_size", "seed")}
 
 
 def collate_action_windows(samples: list[ActionWindowSample]) -> dict[str, Any]:
@@ -54,14 +51,18 @@ def collate_action_windows(samples: list[ActionWindowSample]) -> dict[str, Any]:
 
 class ActionWindowDataModule(L.LightningDataModule):
     """Windows of episodes (CALVIN, OXE, RLBench) on disk, checked when built, or generated on first use into a
-    folder named by `generate`."""
+    folder named by the settings of `generate`, the generator the config names, called with what this module
+    knows of the layout: CALVIN `generate(root)`, RLBench `generate(root, tasks, split_names)` ({"train": folder,
+    "val": folder}), OXE `generate(root, name)` (e.g. the writers in `affordvla.offline.toy_actions`,
+    `affordvla.offline.toy_rlbench`, `affordvla.offline.toy_oxe`)."""
 
     sample_kind = "action_window"
 
     def __init__(self, source: str, root: str, name: str | None = None, train_split: str = "training",
                  val_split: str = "validation", window_size: int = 8, chunk_size: int = 10,
                  cache_dir: str | None = None, batch_size: int = 8, num_workers: int = 0, seed: int = 0,
-                 cameras: tuple[str, ...] = ("rgb_static", "rgb_gripper"), generate: dict | None = None,
+                 cameras: tuple[str, ...] = ("rgb_static", "rgb_gripper"),
+                 generate: Callable[..., Any] | None = None,
                  tasks: list[str] | None = None):
         super().__init__()
         if source not in SOURCES:
@@ -71,6 +72,8 @@ class ActionWindowDataModule(L.LightningDataModule):
         if source == "oxe":
             self._check_oxe_name(name, root)  # here, before the backbone is built
         self.source, self.root, self.name = source, Path(root), name
+        # the policy module may hand its own batch layout; windows are collated as they are otherwise
+        self.collate: Callable[[list[ActionWindowSample]], Any] | None = None
         self.split_names = {"train": train_split, "val": val_split}
         self.window_size, self.chunk_size = window_size, chunk_size
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -84,14 +87,13 @@ class ActionWindowDataModule(L.LightningDataModule):
                 raise ValueError(f"RLBench cameras {unknown or '[]'} are not among {list(CAMERAS)}")
         # RLBench: the task folders of each split to read; None = all of them
         self.tasks = None if tasks is None else [str(t) for t in tasks]
-        # settings of a generated dataset written to `root` on first use: CALVIN's format by data/toy_actions.py,
-        # RLBench's by data/toy_rlbench.py (one folder per task of `tasks`), OXE's bridge by data/toy_oxe.py
-        self.generate = dict(generate) if generate else None
+        # the generator of a dataset written to `root` on first use; None: data on disk
+        self.generate = generate
         self.splits: dict[str, Dataset] = {}
         self.statistics: dict[str, Any] | None = None
         # before any work: generated data only into its own folder, a user's folders only read and of the layout
         if self.generate is not None:
-            check_generated_root(self.root, source, self.generate, GENERATOR_SETTINGS[source])
+            check_generator(self.root, source, generate)
         else:
             self._check_layout()
 
@@ -187,21 +189,11 @@ class ActionWindowDataModule(L.LightningDataModule):
         if self.generate is None:
             return
         if self.source == "calvin":
-            from affordvla.data.toy_actions import ToyActionSettings, write_toy_actions
-
-            write_toy_actions(self.root, ToyActionSettings(**self.generate))
+            self.generate(self.root)
         elif self.source == "rlbench":  # one folder per task of `tasks`, in the splits this datamodule reads
-            from affordvla.data.toy_rlbench import write_toy_rlbench
-
-            settings = dict(self.generate)
-            per_split = {"train": settings.pop("train_episodes", 4), "val": settings.pop("val_episodes", 2)}
-            write_toy_rlbench(self.root, self.tasks or [],
-                              splits={self.split_names[k]: n for k, n in per_split.items()}, **settings)
-        else:  # oxe, in bridge's layout: the standardisation that dataset.name selects
-            from affordvla.data.toy_actions import ToyActionSettings
-            from affordvla.data.toy_oxe import write_toy_bridge
-
-            write_toy_bridge(self.root, ToyActionSettings(**self.generate), name=self.name)
+            self.generate(self.root, self.tasks or [], dict(self.split_names))
+        else:  # oxe: the standardisation that dataset.name selects
+            self.generate(self.root, self.name)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -255,11 +247,11 @@ class ActionWindowDataModule(L.LightningDataModule):
         done = (lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else (lambda: 0)
         sampler = StepResumableSampler(len(self.splits["train"]), self.batch_size, self.seed, done)
         return DataLoader(self.splits["train"], batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=collate_action_windows, num_workers=self.num_workers)
+                          collate_fn=self.collate or collate_action_windows, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], batch_size=self.batch_size, shuffle=False,
-                          collate_fn=collate_action_windows, num_workers=self.num_workers)
+                          collate_fn=self.collate or collate_action_windows, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         # CALVIN and the OXE datasets have no separate test split: offline figures are on the validation split

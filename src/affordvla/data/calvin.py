@@ -25,7 +25,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from affordvla.data.safe_pickle import load_object_npy
-from affordvla.data.sample import ActionWindowSample
+from affordvla.formats.sample import ActionWindowSample
 
 log = logging.getLogger(__name__)
 LANG_FILE = "lang_annotations/auto_lang_ann.npy"

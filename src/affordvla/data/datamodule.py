@@ -19,19 +19,21 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from affordvla.data.checks import require_dir, require_file, unreadable_images
-from affordvla.data.generated import check_generated_root, settings_of
-from affordvla.data.kalie import JSON_NAME, ON_ERROR_CHOICES
-from affordvla.data.kalie import SCALE as KALIE_SCALE
+from affordvla.data.generated import check_generator
 from affordvla.data.kalie import (
+    JSON_NAME,
+    MANIFEST,
+    ON_ERROR_CHOICES,
+    SPLITS_FILE,
     KalieFormatError,
     kalie_split,
     load_kalie_sample,
     read_kalie_index,
 )
+from affordvla.data.kalie import SCALE as KALIE_SCALE
 from affordvla.data.kalie_augment import KalieAugmentation, centre_crop
-from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.data.sampling import StepResumableSampler
-from affordvla.data.toy_kalie import SPLITS_FILE, ensure_toy_kalie
+from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,8 @@ class KeypointDataModule(L.LightningDataModule, abc.ABC):
 
 class KalieDataModule(KeypointDataModule):
     """KALIE's JSON datasets: on disk (checked when built), or generated on first use into a folder named by
-    `generate` (data/toy_kalie.py)."""
+    the settings of `generate`, the generator (e.g. `affordvla.offline.toy_kalie.ensure_toy_kalie`) called as
+    `generate(root)`."""
 
     points_per_sample = len(KALIE_POINT_NAMES)
     format_error = KalieFormatError
@@ -205,7 +208,7 @@ class KalieDataModule(KeypointDataModule):
         self,
         root: str,
         name: str = "kalie",
-        generate: dict[str, Any] | None = None,
+        generate: Callable[..., Any] | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
@@ -235,7 +238,7 @@ class KalieDataModule(KeypointDataModule):
         self.generate = generate
         # before any work: generated data only into its own folder, a user's folder only read and of KALIE's layout
         if generate is not None:
-            check_generated_root(self.root, "kalie", generate, settings_of(ensure_toy_kalie))
+            check_generator(self.root, "kalie", generate)
         else:
             require_dir(self.root, "dataset.root", f"a KALIE dataset folder: imgs/ and {JSON_NAME}")
             require_file(self.root / JSON_NAME, "dataset.root", f"KALIE's index {JSON_NAME} (KALIE's layout: "
@@ -251,7 +254,7 @@ class KalieDataModule(KeypointDataModule):
 
     def prepare_data(self) -> None:
         if self.generate is not None:
-            ensure_toy_kalie(self.root, **self.generate)
+            self.generate(self.root)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -299,7 +302,9 @@ class KalieDataModule(KeypointDataModule):
         return mean.astype(np.float32)
 
     def metadata(self) -> dict[str, Any]:
-        return {"root": str(self.root), **super().metadata(), "max_train_samples": self.max_train_samples}
+        # the evaluation view travels with the policy, so a loaded policy sees images as its run's evaluation did
+        return {"root": str(self.root), **super().metadata(), "max_train_samples": self.max_train_samples,
+                "eval_centre_crop": self.eval_centre_crop}
 
 
 def original_subset(root: Path, train_keys: list[str], count: int, seed: int) -> list[str]:
@@ -309,8 +314,6 @@ def original_subset(root: Path, train_keys: list[str], count: int, seed: int) ->
     it came from, so an original and its variants form one group and a subset never keeps a variant without its
     original; in any other dataset every entry is its own original. The draw is over the sorted group names, so
     it depends only on which originals exist and the seed, not on file order or on how many variants each has."""
-    from affordvla.synthesis.writer import MANIFEST
-
     manifest = root / MANIFEST
     origin = {key: key for key in train_keys}
     if manifest.is_file():

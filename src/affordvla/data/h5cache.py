@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from affordvla.data.sample import ActionWindowSample, KeypointSample
+from affordvla.formats.sample import ActionWindowSample, KeypointSample
 
 log = logging.getLogger(__name__)
 FORMAT = "affordvla-episodes"

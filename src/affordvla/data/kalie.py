@@ -27,14 +27,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from affordvla.data.kalie_tasks import TASKS, task_for_instruction
-from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
+from affordvla.formats.kalie_tasks import TASKS, task_for_instruction
+from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
 
 logger = logging.getLogger(__name__)
 
 JSON_NAME = "data_jsonformat.json"
 STR_NAME = "data_strformat.json"
 IMG_DIR = "imgs"
+SPLITS_FILE = "splits.json"  # the project's own train/val/test keys beside the index (KALIE splits by seed)
+MANIFEST = "manifest.json"  # the synthesis stage writes it last: a synthesised dataset, complete
 SCALE = 1000  # KALIE's keypoint scale: ints in [0, SCALE]
 ON_ERROR_CHOICES = ("raise", "skip")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from affordvla.data.sample import KeypointSample
+from affordvla.formats.sample import KeypointSample
 
 KALIE_CROP_FRACTION = 450 / 700
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from affordvla.data.kalie import SCALE, KalieFormatError, write_kalie_dataset
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KALIE_POINT_NAMES
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.formats.sample import KALIE_POINT_NAMES
 
 log = logging.getLogger(__name__)
 

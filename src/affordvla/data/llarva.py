@@ -3,75 +3,24 @@
 Every frame t but the last becomes one LLaVA conversation record: the front camera image, the task description,
 the five most recent joint positions (with N(0, 0.01) noise, rounded to 4 decimals) and, as the answer, the
 next step's 7 joint velocities plus gripper_open. The visual-trace variant also asks for, and answers with, the
-end effector's future pixel track in the front camera. The prompt builder is shared by annotation and inference,
-so the two templates cannot drift apart (LLARVA's own evaluation prompt did).
+end effector's future pixel track in the front camera. The prompt and answer text come from formats/llarva.py,
+shared with the text action head that trains on and generates them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from affordvla.data.rlbench import RLBenchEpisode, list_episodes
+from affordvla.formats.llarva import HISTORY, JOINTS, llarva_answer, llarva_prompt
 
-HISTORY = 5
-JOINTS = 7
 NOISE_STD = 0.01
 TRACE_POINTS = 30
-ANSWER_PREFIX = "The next action step: "
-TRACE_PREFIX = ". The trajectory: "
-
-
-def _fmt(values) -> str:
-    """Python's str() of a list of plain floats, as LLARVA renders numbers."""
-    return str([_plain(v) for v in values])
-
-
-def _plain(value):
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
-    return float(value) if isinstance(value, (float, np.floating)) else int(value)
-
-
-def llarva_prompt(description: str, history: list[list[float]], *, visual_trace: bool = False) -> str:
-    """The human turn, verbatim from LLARVA's training data."""
-    question = (f"<image>\nYou are a Franka robot using the joint control. The task is \"{description}\", and the "
-                f"previous five (including current) steps are {_fmt(history)}. Can you predict action of the next "
-                f"1 step?")
-    if visual_trace:
-        question = question[:-1] + " and the trajectories of the end effector?"
-    return question
-
-
-def llarva_answer(action: list[float], trace: list[list[int]] | None = None) -> str:
-    answer = ANSWER_PREFIX + _fmt(action)
-    if trace is not None:
-        answer += TRACE_PREFIX + _fmt(trace)
-    return answer
-
-
-def parse_llarva_action(text: str, previous_gripper: float = 1.0) -> tuple[np.ndarray, bool]:
-    """First bracketed list of the answer -> 8 numbers (7 joint velocities + gripper) and whether it parsed.
-
-    Seven numbers get the gripper appended as open (1.0), as LLARVA does. Anything unparseable falls back to
-    zero velocities and the previous gripper state instead of crashing the rollout."""
-    match = re.search(r"\[([^\[\]]*)\]", text)
-    if match:
-        try:
-            values = [float(v) for v in match.group(1).split(",")]
-        except ValueError:
-            values = []
-        if len(values) == JOINTS:
-            values.append(1.0)
-        if len(values) == JOINTS + 1 and all(math.isfinite(v) for v in values):
-            return np.array(values, dtype=np.float32), True
-    return np.array([0.0] * JOINTS + [previous_gripper], dtype=np.float32), False
 
 
 def project_points(points: np.ndarray, extrinsics: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:

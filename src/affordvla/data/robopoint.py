@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from affordvla.data.sample import KeypointSample
+from affordvla.formats.sample import KeypointSample
 
 ROBOPOINT_ANSWER_SUFFIX = (
     "Your answer should be formatted as a list of tuples, i.e. [(x1, y1), (x2, y2), ...], where each tuple "

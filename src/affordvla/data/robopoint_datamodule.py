@@ -6,7 +6,7 @@ the index keeps only the parsed answers and opens an image when its sample is fi
 turns needs no image in memory at setup.
 
 Answers hold any number of unordered points in a target region, so samples carry `meta["point_set"] = True` and
-the evaluator scores them as point sets (evaluation/keypoints.py). Pair with `head.codec=robopoint`, the codec
+the evaluator scores them as point sets (metrics/keypoints.py). Pair with `head.codec=robopoint`, the codec
 that writes and reads any number of points.
 
 RoboPoint ships one training file: KALIE's seeded 80/20 rule is drawn over *images*, so the questions about one
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 
 from affordvla.data.checks import require_dir, require_file
 from affordvla.data.datamodule import KeypointDataModule, KeypointDataset
-from affordvla.data.generated import check_generated_root, check_inside, settings_of
+from affordvla.data.generated import check_generator, check_inside
 from affordvla.data.kalie import ON_ERROR_CHOICES, kalie_split
 from affordvla.data.robopoint import (
     RoboPointFormatError,
@@ -35,9 +36,7 @@ from affordvla.data.robopoint import (
     point_names,
     read_conversations,
 )
-from affordvla.data.sample import KeypointSample
-from affordvla.data.toy_robopoint import ensure_toy_robopoint
-from affordvla.evaluation.keypoints import POINT_SET
+from affordvla.formats.sample import POINT_SET, KeypointSample
 
 log = logging.getLogger(__name__)
 _BOX = re.compile(r"\(\s*[\d.]+(\s*,\s*[\d.]+){3}\s*\)")  # the rule pointing_samples counts boxes by
@@ -108,7 +107,7 @@ class RoboPointDataModule(KeypointDataModule):
         max_val_samples: int | None = None,
         cache_dir: str | None = None,
         keep_in_memory: bool = False,
-        generate: dict[str, Any] | None = None,
+        generate: Callable[..., Any] | None = None,
         validate_images: bool = True,
         validate_sample: int | None = None,
     ):
@@ -119,14 +118,15 @@ class RoboPointDataModule(KeypointDataModule):
             if root is None:
                 raise ValueError("generated RoboPoint data needs `root` (its Where2Place folder is written to "
                                  "<root>/where2place)")
-            check_generated_root(root, "robopoint", generate, settings_of(ensure_toy_robopoint))
+            check_generator(root, "robopoint", generate)
             check_inside(root, json_path, image_dir)
         else:
             require_file(json_path, "dataset.json_path", "RoboPoint's LLaVA conversation JSON, e.g. "
                          "robopoint_1432k.json")
             require_dir(image_dir, "dataset.image_dir", "the folder the entries' \"image\" paths are relative to")
-        # settings of the generated fixture (data/toy_robopoint.py), written on first use; null: data on disk
-        self.generate = dict(generate) if generate else None
+        # the generator of a fixture written on first use, called as generate(json_path, image_dir, where2place_dir)
+        # (e.g. affordvla.offline.toy_robopoint.ensure_toy_robopoint); null: data on disk
+        self.generate = generate
         # No `root` attribute on purpose: synthesis recipes read KALIE folders from `datamodule.root`.
         self.data_root = root
         self.json_path = Path(json_path)
@@ -141,7 +141,7 @@ class RoboPointDataModule(KeypointDataModule):
 
     def prepare_data(self) -> None:
         if self.generate is not None:
-            ensure_toy_robopoint(self.json_path, self.image_dir, Path(self.data_root) / "where2place", **self.generate)
+            self.generate(self.json_path, self.image_dir, Path(self.data_root) / "where2place")
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -1,1 +1,2 @@
-"""Metrics: keypoint errors, KALIE's offline score, and the baselines they are reported against."""
+"""Evaluation above the policies: rollouts in simulators, benchmark callbacks, Where2Place. The scores themselves
+live in affordvla.metrics."""

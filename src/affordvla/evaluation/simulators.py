@@ -229,7 +229,7 @@ def make_env(name: str, *, policy_camera: str | None = None, camera_size: list[i
     if name not in ENVIRONMENTS:
         raise ValueError(f"unknown environment {name!r}; valid: {list(ENVIRONMENTS)}")
     if name == "toy":
-        from affordvla.evaluation.toy_env import ToyActionEnv
+        from affordvla.offline.toy_env import ToyActionEnv
 
         return ToyActionEnv(distractors=distractors)
     require_simulator(name)  # before asking for simulator-specific options: the missing package comes first

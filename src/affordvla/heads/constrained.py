@@ -28,12 +28,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from affordvla.heads.codecs import (
-    KalieJsonCodec,
-    KeypointCodec,
-    PaliGemmaLocCodec,
-    RoboPointTupleCodec,
-)
+from affordvla.formats.codecs import KalieJsonCodec, KeypointCodec, PaliGemmaLocCodec, RoboPointTupleCodec
 
 DIGITS = "0123456789"
 ROBOPOINT_MAX_POINTS = 50  # RoboPoint answers carry 1 to 50 points

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from affordvla.backbones.base import VLMBackbone
-from affordvla.data.kalie_tasks import TASKS, kalie_prompt
-from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
+from affordvla.formats.kalie_tasks import TASKS, kalie_prompt
+from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.heads.keypoint_text import PROMPT_STYLES
 
 LOSSES = ("l1", "mse")

@@ -10,9 +10,9 @@ from torch import nn
 from transformers import LogitsProcessorList
 
 from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
-from affordvla.data.kalie_tasks import TASKS, kalie_prompt
-from affordvla.data.sample import KeypointSample
-from affordvla.heads.codecs import KeypointCodec, make_codec
+from affordvla.formats.codecs import KeypointCodec, make_codec
+from affordvla.formats.kalie_tasks import TASKS, kalie_prompt
+from affordvla.formats.sample import KeypointSample
 from affordvla.heads.constrained import TokenConstraint, codec_automaton
 from affordvla.heads.soft_targets import soft_bin_nll
 

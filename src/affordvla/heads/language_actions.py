@@ -14,7 +14,6 @@ answer tokens only, and prediction is greedy decoding parsed back into an action
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
@@ -23,11 +22,9 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
-from affordvla.data.llarva import ANSWER_PREFIX, TRACE_PREFIX
+from affordvla.formats.llarva import ROBOT, llarva_answer, llarva_prompt, parse_llarva_action
 from affordvla.heads.action_normalization import ActionNormalizer
 from affordvla.heads.soft_targets import soft_bin_nll
-
-NUMBER_WORDS = {1: "1", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 
 def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor, soft_ids: torch.Tensor | None = None,
@@ -217,7 +214,7 @@ class TextActionHead(LanguageActionHead):
 
     def __init__(self, decimals: int = 2, history_steps: int = 5, state_dims: int | None = None,
                  visual_trace: bool = False, trace_state_dims: tuple[int, int] = (0, 1), image_size: int = 224,
-                 robot: str = "a Franka robot using the joint control"):
+                 robot: str = ROBOT):
         super().__init__()
         self.decimals, self.history_steps, self.state_dims = decimals, history_steps, state_dims
         self.visual_trace, self.trace_state_dims, self.image_size = visual_trace, tuple(trace_state_dims), image_size
@@ -227,26 +224,16 @@ class TextActionHead(LanguageActionHead):
     def steps_predicted(self) -> int:
         return 1
 
-    def _numbers(self, values) -> str:
-        return str([round(float(v), self.decimals) for v in values])
-
     def prompt(self, instruction: str, state_history: np.ndarray | None = None) -> str:
-        """LLARVA's human turn (data/llarva.py) without the `<image>` marker (the backbone places the image)."""
-        history = ""
+        """LLARVA's human turn without the `<image>` marker (the backbone places the image)."""
+        history = None
         if self.history_steps and state_history is not None:
-            states = np.asarray(state_history)[-self.history_steps :, : self.state_dims]
-            word = NUMBER_WORDS.get(len(states), str(len(states)))
-            history = (f", and the previous {word} (including current) steps are "
-                       f"[{', '.join(self._numbers(s) for s in states)}]")
-        question = (f"You are {self.robot}. The task is \"{instruction}\"{history}. Can you predict action of the "
-                    f"next 1 step")
-        return question + (" and the trajectories of the end effector?" if self.visual_trace else "?")
+            history = np.asarray(state_history)[-self.history_steps :, : self.state_dims]
+        return llarva_prompt(instruction, history, visual_trace=self.visual_trace, robot=self.robot,
+                             decimals=self.decimals, image_marker=False)
 
     def target_text(self, actions: np.ndarray, trace: list[list[int]] | None = None, **_: Any) -> str:
-        answer = ANSWER_PREFIX + self._numbers(np.asarray(actions)[0])
-        if self.visual_trace:
-            answer += TRACE_PREFIX + str(trace or [])
-        return answer
+        return llarva_answer(np.asarray(actions)[0], (trace or []) if self.visual_trace else None, self.decimals)
 
     def trace_from_states(self, future_states: np.ndarray) -> list[list[int]]:
         xy = np.asarray(future_states)[:, list(self.trace_state_dims)]
@@ -255,20 +242,12 @@ class TextActionHead(LanguageActionHead):
     def parse(self, text: str, previous_gripper: float) -> tuple[np.ndarray, bool]:
         """The first bracketed list after the answer prefix -> D numbers. Unparseable text falls back to a zero
         arm and the previous gripper state (a rollout must not crash) and is counted as a failure."""
-        start = text.find(ANSWER_PREFIX.strip())
-        match = re.search(r"\[([^\[\]]*)\]", text[start:] if start >= 0 else text)
-        if match:
-            try:
-                values = [float(v) for v in match.group(1).split(",")]
-            except ValueError:
-                values = []
-            if len(values) == self.action_dim and all(math.isfinite(v) for v in values):
-                self.n_parsed += 1
-                return np.array(values, dtype=np.float32), True
-        self.n_failed += 1
-        fallback = np.zeros(self.action_dim, np.float32)
-        fallback[-1] = previous_gripper
-        return fallback, False
+        values, ok = parse_llarva_action(text, self.action_dim, previous_gripper, open_missing_gripper=False)
+        if ok:
+            self.n_parsed += 1
+        else:
+            self.n_failed += 1
+        return values, ok
 
     def max_new_tokens(self, backbone: VLMBackbone) -> int:
         worst = [-(10 ** (self.decimals + 1)) / 10 ** self.decimals] * self.action_dim  # longest numbers

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from affordvla.synthesis.tiny_models import (
+from affordvla.synthesis.checkpoints import (
     checkpoint_dir,
     load_or_explain,
     resolve_device,
@@ -233,7 +233,7 @@ class DepthAnnotator(Annotator):
 
         if checkpoint is None:
             raise ValueError("the depth annotator needs checkpoint=<local depth model directory> (e.g. a DPT "
-                             "checkpoint; affordvla.synthesis.tiny_models.write_tiny_dpt writes a tiny one); for "
+                             "checkpoint; affordvla.offline.tiny_synthesis.write_tiny_dpt writes a tiny one); for "
                              "the classical heuristic choose the annotator 'depth_foreground' by name")
         self.checkpoint = checkpoint_dir(checkpoint, "depth model")
         self.device, self.dtype, self.invert = resolve_device(device), resolve_dtype(dtype), bool(invert)

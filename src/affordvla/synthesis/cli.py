@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -13,9 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import affordvla.resolvers  # noqa: F401  (registers ${project_root:})
 from affordvla.cli import failures_reported
+from affordvla.paths import CONFIG_DIR
 
 log = logging.getLogger("affordvla.synthesize")
-CONFIG_DIR = os.environ.get("AFFORDVLA_CONFIG_DIR", str(Path(__file__).resolve().parents[3] / "conf"))
 
 
 def synthesize(cfg: DictConfig) -> Path:

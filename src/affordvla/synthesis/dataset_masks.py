@@ -1,6 +1,6 @@
 """A `MaskProvider` that reads the object masks shipped with a dataset instead of running GroundingDINO + SAM.
 
-The toy generator (data/toy_kalie.py) and this stage's own output record each object's mask as a PNG beside the
+The toy generator (offline/toy_kalie.py) and this stage's own output record each object's mask as a PNG beside the
 image, listed in the entry's `other.masks` = {object name: path relative to the dataset root}.
 """
 

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from affordvla.synthesis.interfaces import InpaintRequest
-from affordvla.synthesis.tiny_models import (
+from affordvla.synthesis.checkpoints import (
     checkpoint_dir,
     load_or_explain,
     resolve_device,
     resolve_dtype,
 )
+from affordvla.synthesis.interfaces import InpaintRequest
 
 NEGATIVE_PROMPT = "deformed, animal, human, eyes, skin, mouth, human face, 2d, cartoon"
 CONTROL_MODES = ("balanced", "prompt_more_important")
@@ -271,16 +271,6 @@ def _soft_injection(module, args, output):
         return down, mid
     output.down_block_res_samples = down
     return output
-
-
-def tiny_backend(root: str | Path, *, working_size: int = 64, **options) -> ControlNetInpaintBackend:
-    """The backend on the project's tiny offline SD + ControlNet checkpoints under `root` (written on first use):
-    the real pipeline and parameters, random weights, a small working size; for tests and benchmarks."""
-    from affordvla.synthesis.tiny_models import ensure_tiny_models
-
-    paths = ensure_tiny_models(root, ["stable_diffusion", "controlnet"])
-    return ControlNetInpaintBackend(paths["stable_diffusion"], paths["controlnet"], working_size=working_size,
-                                    **options)
 
 
 def _check_options(control_mode: str, latent_fill: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from affordvla.synthesis.tiny_models import (
+from affordvla.synthesis.checkpoints import (
     checkpoint_dir,
     load_or_explain,
     resolve_device,
@@ -149,12 +149,3 @@ class GroundedSamMasks:
                 "box_threshold": self.box_threshold, "text_threshold": self.text_threshold,
                 "multimask_output": self.multimask_output, "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch.")}
-
-
-def tiny_grounded_sam(root: str | Path, **options) -> GroundedSamMasks:
-    """The provider on the project's tiny offline GroundingDINO and SAM under `root` (written on first use).
-    Random weights: what it finds is arbitrary; for plumbing tests and timings."""
-    from affordvla.synthesis.tiny_models import ensure_tiny_models
-
-    paths = ensure_tiny_models(root, ["grounding_dino", "sam"])
-    return GroundedSamMasks(paths["grounding_dino"], paths["sam"], **options)

@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 from affordvla.data.kalie import (
     JSON_NAME,
     SCALE,
+    SPLITS_FILE,
     KalieEntry,
     KalieFormatError,
     kalie_split,
     load_kalie_sample,
     read_kalie_index,
 )
-from affordvla.data.toy_kalie import SPLITS_FILE
 from affordvla.locking import exclusive
 from affordvla.synthesis.recipe import KalieRecipe, derive_seed
 from affordvla.synthesis.writer import (
@@ -331,10 +331,12 @@ def build_recipe(cfg: Any) -> KalieRecipe:
     from hydra.utils import instantiate
 
     tiny = cfg.get("tiny_models")
-    if tiny:  # the offline tiny checkpoints the model paths point into, written once
-        from affordvla.synthesis.tiny_models import ensure_tiny_models
-
-        ensure_tiny_models(tiny.root, list(tiny.names))
+    if tiny:  # the offline stand-in checkpoints the model paths point into, written once by the writer it names
+        if "_target_" not in tiny:
+            raise ValueError("synthesis.tiny_models must name the writer of the stand-in checkpoints by _target_ "
+                             "(e.g. affordvla.offline.tiny_synthesis.ensure_tiny_models), or be null for real "
+                             f"checkpoints only; got {tiny}")
+        instantiate(tiny, _convert_="all")
     recipe = instantiate(cfg.recipe, _convert_="all")
     if not isinstance(recipe, KalieRecipe):
         raise TypeError(f"synthesis.recipe must build a KalieRecipe, got {type(recipe).__name__}")

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from affordvla.data.kalie import SCALE, KalieEntry, to_kalie_int
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KALIE_POINT_NAMES
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.formats.sample import KALIE_POINT_NAMES
 from affordvla.synthesis.geometry import (
     AffineRanges,
     compose_context,

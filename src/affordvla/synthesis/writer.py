@@ -26,18 +26,18 @@ from PIL import Image
 from affordvla.data.kalie import (
     IMG_DIR,
     JSON_NAME,
+    SPLITS_FILE,
+    MANIFEST,
     STR_NAME,
     KalieFormatError,
     parse_points_string,
     points_to_json_string,
     points_to_str_format,
 )
-from affordvla.data.toy_kalie import SPLITS_FILE
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".synthesis"
-MANIFEST = "manifest.json"
 PREVIEW = "preview.png"
 MASK_DIR = "masks"
 _TMP_SUFFIX = ".tmp"

@@ -56,6 +56,9 @@ def config_hash(cfg: DictConfig) -> str:
         content.pop(key, None)
     callbacks = content.get("callbacks") or {}
     content["callbacks"] = {k: v for k, v in callbacks.items() if k not in REPORTING_CALLBACKS}
+    module = content.get("module")
+    if isinstance(module, dict) and isinstance(module.get("callbacks"), dict):  # a policy kind's own callbacks
+        module["callbacks"] = {k: v for k, v in module["callbacks"].items() if k not in REPORTING_CALLBACKS}
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

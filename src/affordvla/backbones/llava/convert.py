@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from affordvla.backbones.base import BackboneLoadError
-from affordvla.backbones.llava.tiny import (
+from affordvla.backbones.llava.conventions import (
     CHAT_TEMPLATE,
     CLIP_MEAN,
     CLIP_STD,

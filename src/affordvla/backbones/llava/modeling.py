@@ -26,8 +26,8 @@ from affordvla.backbones.base import (
     pack_prompts_and_answers,
     read_checkpoint_config,
 )
+from affordvla.backbones.llava.conventions import VICUNA_SYSTEM
 from affordvla.backbones.llava.convert import convert_original_llava, is_original_llava
-from affordvla.backbones.llava.tiny import VICUNA_SYSTEM
 
 
 def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,10 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from affordvla.data.action_datamodule import ActionWindowDataModule
 from affordvla.data.checks import require_dir
-from affordvla.data.h5cache import CacheError, CachedWindowDataset, EpisodeRecord, convert, is_complete
+from affordvla.data.h5cache import CachedWindowDataset, CacheError, EpisodeRecord, convert, is_complete
 from affordvla.data.oxe.rlds import RLDSDataset
 from affordvla.data.oxe.specs import resolve_mixture
-from affordvla.data.sample import ActionWindowSample
+from affordvla.formats.sample import ActionWindowSample
 
 log = logging.getLogger(__name__)
 BOUNDS_EPS = 1e-8  # OpenVLA's BOUNDS_Q99 denominator guard
@@ -105,13 +105,15 @@ class OXEMixtureDataModule(ActionWindowDataModule):
     `action_statistics` describes the normalised training actions of the whole mixture.
 
     Each cache's name carries a hash of its settings (data root included) and its stored `source` is compared
-    on reuse, so another copy of the data is another cache."""
+    on reuse, so another copy of the data is another cache.
+
+    A generated mixture is written on first use by `generate(root, names)` (the mixture's dataset names)."""
 
     def __init__(self, root: str, mixture: str | list, train_split: str = "train", val_split: str = "val",
                  window_size: int = 1, chunk_size: int = 1, cache_dir: str | None = None, batch_size: int = 8,
                  num_workers: int = 0, seed: int = 0, cameras: tuple[str, ...] = ("primary",), image_size: int = 224,
-                 skip_unlabeled: bool = True, balance_weights: bool = True, generate: dict | None = None,
-                 source: str = "oxe_mixture"):
+                 skip_unlabeled: bool = True, balance_weights: bool = True,
+                 generate: Callable[..., Any] | None = None, source: str = "oxe_mixture"):
         self.entries = resolve_mixture(list(mixture) if not isinstance(mixture, str) else mixture,
                                        where=f"dataset.mixture, data root {root}")
         if source != "oxe_mixture":
@@ -192,9 +194,8 @@ class OXEMixtureDataModule(ActionWindowDataModule):
     def prepare_data(self) -> None:
         if self.generate is None:
             return
-        from affordvla.data.toy_oxe import write_toy_mixture
-
-        write_toy_mixture(self.root, [name for name, _ in self.entries], **self.generate)
+        # e.g. affordvla.offline.toy_oxe.write_toy_mixture
+        self.generate(self.root, [name for name, _ in self.entries])
 
     def _action_statistics(self) -> dict[str, Any]:
         """The normalised training actions of the whole mixture, every step once (not weighted)."""

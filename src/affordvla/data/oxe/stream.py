@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset
 from affordvla.data.oxe.rlds import RLDSDataset
 from affordvla.data.oxe.specs import resolve_mixture
 from affordvla.data.oxe.transforms import Episode, OXEFormatError
-from affordvla.data.sample import ActionWindowSample
+from affordvla.formats.sample import ActionWindowSample
 
 log = logging.getLogger(__name__)
 

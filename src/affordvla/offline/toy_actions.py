@@ -167,6 +167,14 @@ def write_toy_actions(root: str | Path, settings: ToyActionSettings = ToyActionS
     return root
 
 
+def generate_toy_calvin(root: str | Path, *, train_episodes: int = 256, val_episodes: int = 16,
+                        episode_length: int = 24, distractors: int = 1, seed: int = 0) -> Path:
+    """`dataset.generate` for CALVIN's format: `write_toy_actions` with these settings."""
+    return write_toy_actions(root, ToyActionSettings(train_episodes=train_episodes, val_episodes=val_episodes,
+                                                     episode_length=episode_length, distractors=distractors,
+                                                     seed=seed))
+
+
 def _write_splits(root: Path, settings: ToyActionSettings) -> None:
     for split, count, offset in (("training", settings.train_episodes, 0), ("validation", settings.val_episodes, 1)):
         rng = np.random.default_rng([settings.seed, offset])

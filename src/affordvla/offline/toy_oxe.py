@@ -1,4 +1,4 @@
-"""The toy manipulation episodes (data/toy_actions.py) written as Open X-Embodiment's bridge_orig: an RLDS folder of
+"""The toy manipulation episodes (offline/toy_actions.py) written as Open X-Embodiment's bridge_orig: an RLDS folder of
 TFRecord shards with JPEG frames, the end effector's state, commanded actions and the instruction, laid out as
 bridge_orig stores them. `dataset=oxe_bridge` then runs offline through the same reader, standardisation and HDF5
 cache as the real release (smoke scale, tests).
@@ -18,8 +18,13 @@ import numpy as np
 from PIL import Image
 
 from affordvla.data.oxe import SPECS, DatasetSpec, write_rlds_dataset
-from affordvla.data.toy_actions import GENERATOR_VERSION, GRIPPER_OPEN_WIDTH, ToyActionSettings, generate_episode
 from affordvla.locking import write_once
+from affordvla.offline.toy_actions import (
+    GENERATOR_VERSION,
+    GRIPPER_OPEN_WIDTH,
+    ToyActionSettings,
+    generate_episode,
+)
 
 log = logging.getLogger(__name__)
 DONE_MARKER = "toy_oxe.json"
@@ -74,6 +79,14 @@ def write_toy_bridge(root: str | Path, settings: ToyActionSettings | None = None
     if write_once(root, DONE_MARKER, recorded, write):
         log.info("wrote the toy %s dataset to %s", name, root)
     return root / name / "1.0.0"
+
+
+def generate_toy_bridge(root: str | Path, name: str = "bridge_orig", *, train_episodes: int = 256,
+                        val_episodes: int = 16, episode_length: int = 24, distractors: int = 1, seed: int = 0) -> Path:
+    """`dataset.generate` for an OXE dataset in bridge's layout: `write_toy_bridge` with these settings."""
+    return write_toy_bridge(root, ToyActionSettings(train_episodes=train_episodes, val_episodes=val_episodes,
+                                                    episode_length=episode_length, distractors=distractors,
+                                                    seed=seed), name=name)
 
 
 def _gripper_values(rule: str, rng: np.random.Generator, count: int) -> np.ndarray:
@@ -135,7 +148,7 @@ def synthetic_episode(spec: DatasetSpec, steps: int, rng: np.random.Generator, i
     return features
 
 
-def write_toy_mixture(root: str | Path, names: list[str], train_episodes: int = 2, val_episodes: int = 1,
+def write_toy_mixture(root: str | Path, names: list[str], *, train_episodes: int = 2, val_episodes: int = 1,
                       episode_length: int = 6, seed: int = 0, shards: int = 2,
                       image_shape: tuple[int, int] | None = None) -> list[Path]:
     """Write `train` and `val` splits of synthetic episodes for each named dataset, in its published layout, as

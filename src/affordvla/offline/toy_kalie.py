@@ -19,17 +19,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from affordvla.data.kalie import (
+    SPLITS_FILE,
     points_to_json_string,
     points_to_str_format,
     to_kalie_int,
 )
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KALIE_POINT_NAMES
-from affordvla.data.tabletop import make_scene
+from affordvla.offline.tabletop import make_scene
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.formats.sample import KALIE_POINT_NAMES
 from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)
-SPLITS_FILE = "splits.json"
 
 
 def _params(seed: int, splits: dict[str, int], image_size: int, tasks: list[str]) -> dict:

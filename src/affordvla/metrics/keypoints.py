@@ -1,6 +1,6 @@
 """Keypoint metrics over a split: mean L2 error (normalised image units), KALIE's per-point MSE on the 0-999
 scale twice (`kalie_compat/...`: KALIE's own scoring rules, comparable with its figures; `kalie_corrected/...`:
-tolerant reading, all five points required, see evaluation/kalie_compat.py), the parse-failure rate, and the
+tolerant reading, all five points required, see metrics/kalie_compat.py), the parse-failure rate, and the
 predict-the-training-mean baseline.
 
 The compat scorer reads answer text. When the model answers in KALIE's JSON (`kalie_answers=True`), that text is
@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from affordvla.data.sample import KALIE_POINT_NAMES, KeypointSample
-from affordvla.evaluation.kalie_compat import KalieCompatScorer, corrected_metrics, kalie_corrected_scores
-from affordvla.heads.codecs import KalieJsonCodec
+from affordvla.formats.codecs import KalieJsonCodec
+from affordvla.formats.sample import KALIE_POINT_NAMES, POINT_SET, KeypointSample
+from affordvla.metrics.kalie_compat import KalieCompatScorer, corrected_metrics, kalie_corrected_scores
 
 # An answer that does not parse scores the largest distance inside the image, so failures never look good.
 UNPARSED_L2 = math.sqrt(2.0)
-POINT_SET = "point_set"  # the sample meta flag for unordered, variable-count targets
 
 
 def nearest_distances(points: np.ndarray, others: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ def time_inpaint_call(backend, request: InpaintRequest, repeats: int = 3) -> dic
 def time_tiny_inpaint(root: str | Path, *, image_size: int = 128, working_size: int = 64, repeats: int = 3,
                       **options) -> dict[str, float]:
     """Load time and per-call time of the diffusion backend on the tiny checkpoints under `root`."""
-    from affordvla.synthesis.inpaint import tiny_backend
+    from affordvla.offline.tiny_synthesis import tiny_backend
 
     start = time.perf_counter()
     backend = tiny_backend(root, working_size=working_size, **options)
@@ -99,7 +99,7 @@ def build_sd15_random(device: str | torch.device = "cpu", dtype: torch.dtype = t
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from affordvla.synthesis.tiny_models import build_clip_tokenizer
+    from affordvla.offline.tiny_synthesis import build_clip_tokenizer
 
     configs = sd15_configs()
     builders = {
@@ -128,8 +128,8 @@ def time_sd15_inpaint(device: str = "cuda", dtype: str = "float16", *, working_s
                       repeats: int = 3, image_size: int = 700) -> dict[str, float]:
     """KALIE's generation (DPM++ 2M, 20 steps, CFG 7, strength 0.75, ControlNet) with SD1.5-size random models on
     `device`: seconds per inpainting call including crop, resize and paste-back. Meant for a GPU."""
+    from affordvla.synthesis.checkpoints import resolve_dtype
     from affordvla.synthesis.inpaint import ControlNetInpaintBackend
-    from affordvla.synthesis.tiny_models import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype)
     parts = build_sd15_random(device, torch_dtype)

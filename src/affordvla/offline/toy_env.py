@@ -1,4 +1,4 @@
-"""A closed-loop simulator of the toy action world (data/toy_actions.py): the same scenes, rendering and
+"""A closed-loop simulator of the toy action world (offline/toy_actions.py): the same scenes, rendering and
 gripper dynamics, stepped by a policy instead of the scripted expert.
 
 Observations are what `PolicyRunner.act` takes and what the policy was trained on: both CALVIN cameras
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from affordvla.data.toy_actions import (
+from affordvla.offline.toy_actions import (
     COLOURS,
     GRASP_DISTANCE,
     GRIPPER_SIZE,

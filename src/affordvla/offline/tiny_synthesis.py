@@ -16,8 +16,7 @@ The weights are random: the models run and are deterministic, but what they find
 sized (0.05-0.5 M parameters each, 5 MB on disk in all) so a 64-128 px inpainting call takes a fraction of a
 second on CPU.
 
-`checkpoint_dir` and `load_or_explain` are how the model-backed parts load such a directory (tiny or real): a
-missing or broken checkpoint stops with an error naming the directory and the file.
+`affordvla.synthesis.checkpoints` is how the model-backed parts load such a directory (tiny or real).
 """
 
 from __future__ import annotations
@@ -30,7 +29,9 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE, WordPiece
 from tokenizers.trainers import BpeTrainer, WordPieceTrainer
 
-from affordvla.backbones.tokenizer_corpus import tokenizer_corpus
+from affordvla.offline.tokenizer_corpus import tokenizer_corpus
+from affordvla.synthesis.inpaint import ControlNetInpaintBackend
+from affordvla.synthesis.masks import GroundedSamMasks
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -50,56 +51,6 @@ _SYNTHESIS_TEXT = (
 
 def _corpus() -> list[str]:
     return tokenizer_corpus() + [_SYNTHESIS_TEXT]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading local checkpoints (tiny or real)
-# ----------------------------------------------------------------------------------------------------------------
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-class CheckpointError(RuntimeError):
-    """A local checkpoint directory is missing, incomplete or unreadable."""
-
-
-def checkpoint_dir(path: str | Path | None, what: str, required: tuple[str, ...] = ("config.json",)) -> Path:
-    """`path` as a Path after checking it is a directory holding `required` files; `what` names the model."""
-    if path is None or str(path) == "":
-        raise CheckpointError(f"{what}: no checkpoint directory given (set it in the synthesis config)")
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"{what}: checkpoint directory {path} does not exist (only local directories are "
-                              "loaded; no model hub is contacted)")
-    for name in required:
-        if not (path / name).is_file():
-            raise CheckpointError(f"{what}: {path / name} is missing; is {path} a {what} checkpoint directory?")
-    return path
-
-
-def load_or_explain(what: str, path: Path, loader, *args, **kwargs):
-    """Call `loader(path, *args, **kwargs)`, turning a failure into a CheckpointError that names the directory."""
-    try:
-        return loader(str(path), *args, local_files_only=True, **kwargs)
-    except CheckpointError:
-        raise
-    except Exception as error:  # a broken file surfaces as many exception types; name the checkpoint for all
-        raise CheckpointError(f"{what}: could not load {path}: {type(error).__name__}: {error}") from error
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,3 +280,23 @@ def ensure_tiny_models(root: str | Path, names: list[str] | None = None) -> dict
             (path / ".complete").write_text("ok\n")
         paths[name] = path
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage's model-backed parts on the tiny checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny_grounded_sam(root: str | Path, **options) -> GroundedSamMasks:
+    """The provider on the project's tiny offline GroundingDINO and SAM under `root` (written on first use).
+    Random weights: what it finds is arbitrary; for plumbing tests and timings."""
+    paths = ensure_tiny_models(root, ["grounding_dino", "sam"])
+    return GroundedSamMasks(paths["grounding_dino"], paths["sam"], **options)
+
+
+def tiny_backend(root: str | Path, *, working_size: int = 64, **options) -> ControlNetInpaintBackend:
+    """The backend on the project's tiny offline SD + ControlNet checkpoints under `root` (written on first use):
+    the real pipeline and parameters, random weights, a small working size; for tests and benchmarks."""
+    paths = ensure_tiny_models(root, ["stable_diffusion", "controlnet"])
+    return ControlNetInpaintBackend(paths["stable_diffusion"], paths["controlnet"], working_size=working_size,
+                                    **options)

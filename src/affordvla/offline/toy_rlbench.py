@@ -82,6 +82,16 @@ def write_toy_rlbench(root: str | Path, tasks: list[str], *, splits: dict[str, i
     return root
 
 
+def generate_toy_rlbench(root: str | Path, tasks: list[str], split_names: dict[str, str], *, train_episodes: int = 4,
+                         val_episodes: int = 2, episode_length: int = 12, image_size: int = 64, seed: int = 0
+                         ) -> Path:
+    """`dataset.generate` for RLBench's layout: `train_episodes` / `val_episodes` per task into the split folders
+    `split_names` gives for "train" and "val"."""
+    splits = {split_names["train"]: train_episodes, split_names["val"]: val_episodes}
+    return write_toy_rlbench(root, tasks, splits=splits, seed=seed, episode_length=episode_length,
+                             image_size=image_size)
+
+
 def _write_task(root: Path, task: str, splits: dict[str, int], seed: int, episode_length: int,
                 image_size: int) -> None:
     task_rng = _task_rng(seed, task)

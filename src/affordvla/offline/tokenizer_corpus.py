@@ -9,9 +9,9 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
+from affordvla.formats.kalie_tasks import TASKS, kalie_prompt
 
-from affordvla.data.kalie_tasks import TASKS, kalie_prompt
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
 _COMMON = (
     "the a an of to and in on with from for is are be this that it its at by as or not what where which "

@@ -24,7 +24,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from affordvla.backbones.tokenizer_corpus import train_bpe
+from affordvla.offline.tokenizer_corpus import train_bpe
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's ids 0..4
 LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]

@@ -1,4 +1,4 @@
-"""The common sample every reader yields and every processor consumes."""
+"""The common sample every reader yields and every processor consumes, and the point names it carries."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ KALIE_POINT_NAMES: tuple[str, ...] = (
     "Pre-contact Point",
     "Post-contact Point",
 )
+POINT_SET = "point_set"  # the sample meta flag for unordered, variable-count targets (RoboPoint's regions)
 
 
 @dataclass

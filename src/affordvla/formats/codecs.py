@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from affordvla.data.sample import KALIE_POINT_NAMES
+from affordvla.formats.sample import KALIE_POINT_NAMES
 
 
 class KeypointParseError(ValueError):

@@ -20,8 +20,8 @@ from affordvla.backbones.cogvlm.processing import (
     CogVLMProcessor,
     build_image_processor,
 )
-from affordvla.backbones.paligemma.tiny import sincos_2d
-from affordvla.backbones.tokenizer_corpus import train_bpe
+from affordvla.offline.tiny_paligemma import sincos_2d
+from affordvla.offline.tokenizer_corpus import train_bpe
 
 
 def build_tokenizer(bpe_vocab_size: int = 800) -> LlamaTokenizer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from affordvla.data.sample import KALIE_POINT_NAMES
+from affordvla.formats.sample import KALIE_POINT_NAMES
 
 
 @dataclass(frozen=True)

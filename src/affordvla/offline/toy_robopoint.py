@@ -1,5 +1,5 @@
 """Generated fixtures in RoboPoint's on-disk formats, from the project's
-procedural tabletop scenes (data/tabletop.py): a LLaVA conversation file of pointing questions and a Where2Place
+procedural tabletop scenes (offline/tabletop.py): a LLaVA conversation file of pointing questions and a Where2Place
 benchmark folder, so the RoboPoint table runs end to end without the real downloads.
 
 Every question names objects of the scene and asks for points in a region of it:
@@ -29,14 +29,14 @@ from PIL import Image
 from scipy import ndimage
 
 from affordvla.data.generated import check_inside
-from affordvla.data.kalie_tasks import TASKS
 from affordvla.data.robopoint import (
     ROBOPOINT_ANSWER_SUFFIX,
     point_entry,
     write_conversations,
     write_where2place,
 )
-from affordvla.data.tabletop import make_scene
+from affordvla.offline.tabletop import make_scene
+from affordvla.formats.kalie_tasks import TASKS
 from affordvla.locking import write_once
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from affordvla.data.kalie_tasks import TASKS
+from affordvla.formats.kalie_tasks import TASKS
 
 SUPERSAMPLE = 2
 MARGIN = 0.06  # keypoints and objects stay this far (normalised) inside the image

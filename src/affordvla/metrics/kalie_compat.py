@@ -52,8 +52,8 @@ from PIL import Image
 
 from affordvla.data.kalie import read_kalie_index
 from affordvla.data.kalie_augment import KALIE_CROP_FRACTION, centre_crop_box
-from affordvla.data.sample import KALIE_POINT_NAMES
-from affordvla.heads.codecs import KalieJsonCodec
+from affordvla.formats.codecs import KalieJsonCodec
+from affordvla.formats.sample import KALIE_POINT_NAMES
 
 FORMATSTYLES = ("json", "str", "array")
 SENTINEL_MSE = 1_000_000

@@ -29,8 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.tabletop import Scene, make_scenes
+from affordvla.offline.tabletop import Scene, make_scenes
+from affordvla.backbones.base import IGNORE_INDEX
+from affordvla.backbones.factory import FAMILIES
+from affordvla.formats.codecs import make_codec
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.optim import warmup_cosine
+from affordvla.tracking.mlflow_setup import ensure_experiment
 
 log = logging.getLogger(__name__)
 PRETRAIN_SEED = 10_007  # scene stream of the pre-training corpus; dataset splits use other streams
@@ -216,8 +221,6 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
 
     This is the generic referring/pointing skill a real VLM brings from pre-training; the KALIE keypoints
     themselves (task-specific contact points and waypoints) are left for fine-tuning."""
-    from affordvla.heads.codecs import make_codec
-
     codec = make_codec(NATIVE_CODECS[backbone.family], point_names=("point",))
     if hasattr(backbone, "prefix_lm"):
         backbone.prefix_lm = False  # causal, as the tiny PaliGemma is fine-tuned (paligemma_tiny.yaml)
@@ -234,7 +237,7 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
     parts = backbone.parameter_parts()
     optimizer = torch.optim.AdamW([{"params": parts["projector"] + parts["language_model"], "lr": lr},
                                    {"params": parts["vision_tower"], "lr": tower_lr}], weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 20)))
+    schedule = warmup_cosine(optimizer, steps, warmup_fraction=0.05)
     history = []
     backbone.train()
     for step in tqdm(range(steps), desc="text pointing pre-training", unit="step"):
@@ -243,7 +246,7 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
         inputs = backbone.build_inputs([q for q, _ in asked], [codec.encode(c[None]) for _, c in asked])
         output = backbone.forward(pixels[torch.from_numpy(rows)], inputs)
         logits, labels = output.logits[:, :-1], inputs["labels"][:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
@@ -271,7 +274,7 @@ def _train_dense(module: nn.Module, encode, params: list[nn.Parameter], head: De
     `extra_loss(features, rows)` is added to the loss and trained with it."""
     params = params + list(head.parameters()) + (list(extra_loss.parameters()) if extra_loss is not None else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 40)))
+    schedule = warmup_cosine(optimizer, steps, warmup_fraction=0.025)
     generator = torch.Generator().manual_seed(seed)
     history = []
 
@@ -308,18 +311,14 @@ def _train_dense(module: nn.Module, encode, params: list[nn.Parameter], head: De
     return history, error
 
 
-def _warmup_cosine(steps: int, warmup: int):
-    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-
-
 def tiny_writer(family: str):
     """The family's offline tiny checkpoint writer (imported on use: each pulls in its own model classes)."""
     if family == "paligemma":
-        from affordvla.backbones.paligemma.tiny import write_tiny_paligemma as writer
+        from affordvla.offline.tiny_paligemma import write_tiny_paligemma as writer
     elif family == "llava":
-        from affordvla.backbones.llava.tiny import write_tiny_llava as writer
+        from affordvla.offline.tiny_llava import write_tiny_llava as writer
     elif family == "cogvlm":
-        from affordvla.backbones.cogvlm.tiny import write_tiny_cogvlm as writer
+        from affordvla.offline.tiny_cogvlm import write_tiny_cogvlm as writer
     else:
         raise ValueError(f"no tiny {family!r} checkpoint; valid families: {sorted(NATIVE_CODECS)}")
     return writer
@@ -354,8 +353,6 @@ def build_pointing_backbone(
     with `distill_subcells` > 1 also those of each cell's sub-cells.
     `tiny_config` goes to the family's writer (image and patch size, widths, layers, ...). With `use_shipped`, a
     shipped checkpoint of the same name built with exactly these settings is copied instead."""
-    from affordvla.backbones.factory import FAMILIES
-
     out_dir = Path(out_dir)
     recipe = {"family": family, "steps": steps, "corpus_size": corpus_size, "eval_size": eval_size,
               "scene_size": scene_size, "batch_size": batch_size, "lr": lr, "seed": seed, "text_steps": text_steps,
@@ -447,7 +444,7 @@ def rebuild_command(name: str, params: dict) -> str:
 
     flags = {"family", "steps", "corpus_size", "text_steps", "seed", "text_tower_lr"}
     tiny = " ".join(f"--tiny {key}={literal(value)}" for key, value in params.items() if key not in flags)
-    return (f"python -m affordvla.backbones.pointing {name} --family {params['family']} --steps {params['steps']} "
+    return (f"python -m affordvla.pretraining.pointing {name} --family {params['family']} --steps {params['steps']} "
             f"--corpus-size {params['corpus_size']} --text-steps {params['text_steps']} "
             f"--text-tower-lr {params['text_tower_lr']} --seed {params['seed']} {tiny}").strip()
 
@@ -455,8 +452,6 @@ def rebuild_command(name: str, params: dict) -> str:
 def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], record: dict) -> None:
     """The stage as an MLflow run: `record` (what the checkpoint's RECORD_FILE holds) and the loss history."""
     from mlflow import MlflowClient
-
-    from affordvla.tracking.mlflow_setup import ensure_experiment
 
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, "affordvla-pretrain")
@@ -479,7 +474,7 @@ def _record_run(tracking_uri: str, out_dir: Path, history: list[dict], record: d
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m affordvla.backbones.pointing OUT [--family F --steps N ...]`: (re)build a pre-trained tiny
+    """`python -m affordvla.pretraining.pointing OUT [--family F --steps N ...]`: (re)build a pre-trained tiny
     checkpoint directory of one family, e.g. a longer pre-training than `make train` runs. It always trains, even
     where a shipped checkpoint has the same name: this is how the shipped ones are regenerated."""
     import argparse
