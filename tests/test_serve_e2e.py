@@ -19,8 +19,8 @@ import requests
 from PIL import Image
 from serve_helpers import KEY, served, tiny_exports  # noqa: F401  (session fixtures)
 
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.tabletop import make_scenes
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.offline.tabletop import make_scenes
 from affordvla.policies import load_policy
 from affordvla.serve import PolicyClient
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
 from affordvla.cli import failures_reported
-
-CONFIG_DIR = os.environ.get("AFFORDVLA_CONFIG_DIR", str(Path(__file__).resolve().parents[3] / "conf"))
+from affordvla.paths import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")

@@ -20,8 +20,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-from affordvla.data.kalie_tasks import TASKS
-from affordvla.data.sample import KALIE_POINT_NAMES
+from affordvla.formats.kalie_tasks import TASKS
+from affordvla.formats.sample import KALIE_POINT_NAMES
 
 RETRY_STATUSES = (500, 502, 503, 504)
 
