@@ -110,9 +110,11 @@ def _server(models: dict[str, Path], batch: int, name: str) -> ServerProcess:
 
 
 def run() -> dict[str, float]:
-    smoke = ["debug=smoke", "dataset.generate.image_size=64"]
-    models = {"kp": _export("keypoints", smoke),
-              "lstm": _export("lstm", ["experiment=toy_actions_lstm", "dataset.generate.train_episodes=2",
+    keypoints = _export("keypoints", ["debug=smoke", "dataset.generate.image_size=64"])
+    # the LSTM policy on the default's backbone (the keypoint export is a plain checkpoint): no pre-training
+    models = {"kp": keypoints,
+              "lstm": _export("lstm", ["experiment=toy_actions_lstm", f"backbone.pretrained={keypoints.resolve()}",
+                                       "backbone.build=null", "dataset.generate.train_episodes=2",
                                        "dataset.generate.val_episodes=1", "dataset.generate.episode_length=8",
                                        "dataset.batch_size=4", "trainer.max_steps=3", "trainer.val_check_interval=3",
                                        "head.hidden_size=16"])}
