@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine: `make train` (set up, then train the embedded default) and
-# `make test`. Every target sets up the virtual environment on first use.
+# `make test`. Every target sets up the virtual environment on first use. `make lint` runs the static checks
+# (ruff, mypy on the typed packages, import-linter's layer contracts) that CI runs before the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,7 +9,7 @@ BENCH ?=
 PYTEST_ARGS ?=
 LOCAL_TORCH ?= 2.13.0
 
-.PHONY: setup browser train test test-fast bench clean-outputs
+.PHONY: setup browser train test test-fast lint bench clean-outputs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +39,15 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+# mypy's packages and the tools' caches (under outputs/, like every generated file) come from pyproject.toml;
+# each check runs even when an earlier one fails, so one run lists every finding, and lint fails if any did.
+lint: setup
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/mypy || status=1; \
+	$(VENV)/bin/lint-imports --cache-dir outputs/cache/import-linter || status=1; \
+	exit $$status
 
 bench: setup
 	$(PY) -m affordvla.bench $(if $(BENCH),--only $(BENCH))

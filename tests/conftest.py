@@ -110,7 +110,7 @@ def keypoint_head_and_batch(backbone, codec: str = "robopoint"):
     from affordvla.formats.kalie_tasks import TASKS
     from affordvla.formats.sample import KeypointSample
     from affordvla.heads.keypoint_text import KeypointTextHead
-    from affordvla.module import KeypointBatchCollator
+    from affordvla.policies.keypoints import KeypointBatchCollator
 
     head = KeypointTextHead(codec=codec)
     head.bind(backbone)

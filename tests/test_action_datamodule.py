@@ -63,8 +63,9 @@ def test_the_entrypoint_refuses_a_module_that_does_not_match_the_data(calvin_roo
     from affordvla.train import train
 
     cfg = compose_train(["dataset=calvin", f"dataset.root={calvin_root}", "logger=none"], tmp_path / "run")
-    with pytest.raises(ValueError, match="yields action_window samples but module affordvla.module.AffordVLAModule "
-                                         "trains on keypoints samples; use module=action_policy"):
+    with pytest.raises(ValueError, match="yields action_window samples but module "
+                                         "affordvla.policies.keypoints.KeypointPolicyModule trains on keypoints "
+                                         "samples; use module=action_policy"):
         train(cfg)
     cfg = compose_train(["module=action_policy", "head=lstm", "logger=none"], tmp_path / "run2")
     with pytest.raises(ValueError, match="yields keypoints samples .* use module=keypoint_text with head=keypoint_text"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from affordvla.bench.__main__ import _keypoint_figures
 
-# the test metrics a keypoint run logs (module.py's test/ prefix over KeypointEvaluator.compute)
+# the test metrics a keypoint run logs (the keypoint policy's test/ prefix over KeypointEvaluator.compute)
 METRICS = {"test/keypoint_error": 0.1, "test/mean_baseline_error": 0.2, "test/parse_failure_rate": 0.0,
            "test/kalie_corrected/avg_mse": 250.0, "test/kalie_compat/avg_mse": 240.5,
            "test/kalie_compat/scoring_failures": 1.0, "train_seconds": 3.0}

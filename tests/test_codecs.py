@@ -223,7 +223,8 @@ _KJ = '{"Grasp Point": ["397", "093"], "Pre-contact Point": ["120", "845"]}'
         ('{"Grasp Point": [Infinity, 93], "Pre-contact Point": [120, 845]}', None),
         ('{"Grasp Point": [true, 93], "Pre-contact Point": [120, 845]}', None),
         ('{"Grasp": ["397", "093"], "Pre-contact": ["120", "845"]}', None),  # names without "Point"
-        ('{\n    "Grasp Point": [\n        "397",\n        "093"\n    ],\n    "Pre-contact Point": [\n        "1', None),
+        ('{\n    "Grasp Point": [\n        "397",\n        "093"\n    ],\n'
+         '    "Pre-contact Point": [\n        "1', None),
     ],
 )
 def test_kalie_malformed(text, expected):

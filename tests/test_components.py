@@ -253,7 +253,7 @@ def test_save_load_round_trip_is_bit_exact(backbone, tmp_path):
 
 
 def test_collator_caches_pixels_only_for_samples_that_name_their_image(backbone):
-    from affordvla.module import KeypointBatchCollator
+    from affordvla.policies.keypoints import KeypointBatchCollator
 
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2)]

@@ -56,10 +56,11 @@ def test_every_option_composes(group, option, tmp_path):
     resolved = OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
     action = (group == "module" and option == "action_policy") or (group == "head" and option in ACTION_HEADS) or (
         group == "experiment" and option.startswith("toy_actions"))
-    expected = "affordvla.policy_module.ActionPolicyModule" if group != "head" else "affordvla.module.AffordVLAModule"
+    keypoints = "affordvla.policies.keypoints.KeypointPolicyModule"
+    expected = "affordvla.policy_module.ActionPolicyModule" if group != "head" else keypoints
     if group == "module" and option == "keypoint_regression":
-        expected, action = "affordvla.module.KeypointRegressionModule", True
-    assert resolved["module"]["_target_"] == (expected if action else "affordvla.module.AffordVLAModule")
+        expected, action = keypoints, True
+    assert resolved["module"]["_target_"] == (expected if action else keypoints)
     if group == "experiment" and action:  # an action experiment pairs the module, head and episode data
         assert resolved["dataset"]["_target_"].endswith("ActionWindowDataModule")
         assert resolved["optimized_metric"] == "val/action_mse"
@@ -87,7 +88,8 @@ def test_config_hash_ignores_where_a_run_writes_but_not_what_it_computes(tmp_pat
 
     base = config_hash(_compose([f"paths.root_dir={tmp_path}"]))
     assert base == config_hash(_compose([f"paths.root_dir={tmp_path / 'elsewhere'}", "logger=none",
-                                         "callbacks.progress_bar.refresh_rate=0", "callbacks.keypoint_overlays=null"]))
+                                         "callbacks.progress_bar.refresh_rate=0",
+                                         "module.callbacks.keypoint_overlays=null"]))
     assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "stop_after_steps=3"]))
     assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "+callbacks.benchmark={_target_: x.Y}"]))
     assert base != config_hash(_compose([f"paths.root_dir={tmp_path}", "module.optimizer.lr=1e-4"]))

@@ -45,8 +45,11 @@ def test_ranks_cover_each_index_once_per_epoch_and_match_one_process(num_samples
 
 def test_distributed_sampler_resumes_at_the_step_and_crosses_epochs():
     done = {"batches": 0}
-    make = lambda r: StepResumableSampler(20, 2, seed=3, batches_done=lambda: done["batches"], rank=r,
-                                          world_size=2, with_epoch=True)
+
+    def make(r):
+        return StepResumableSampler(20, 2, seed=3, batches_done=lambda: done["batches"], rank=r, world_size=2,
+                                    with_epoch=True)
+
     full = [_epoch(make(r)) for r in range(2)]  # 5 steps of 2 x 2 per epoch
     done["batches"] = 3
     resumed = [_epoch(make(r)) for r in range(2)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import compose_train
 
-from affordvla.evaluate import main
+from affordvla.evaluate import keypoint_settings, main
 from affordvla.train import train
 
 
@@ -20,7 +20,7 @@ def test_keypoints_from_a_run_and_from_its_export_agree_with_its_test_metrics(tm
     cfg = compose_train(smoke_overrides, tmp_path / "run")
     metrics = train(cfg)
     export = tmp_path / "run" / "model"
-    record = json.loads((export / "decoding.json").read_text())
+    record = keypoint_settings(export)  # what the export records (policy.json; decoding.json before it)
     assert record == {"codec": "paligemma_loc", "constrained": True, "max_new_tokens": None,
                       "prompt_style": "instruction", "prefix_lm": False, "centre_crop": None}
     uri = f"sqlite:///{tmp_path}/outputs/mlflow.db"

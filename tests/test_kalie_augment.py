@@ -58,8 +58,8 @@ def test_pure_translation_warp_is_exact():
 
 @pytest.mark.parametrize("size", [(140, 140), (160, 120)])
 def test_markers_land_where_the_keypoints_say(size):
-    """For at least 30 random draws of the whole pipeline, a marker drawn at a keypoint is found within 1 px of where the
-    transformed keypoint says it is."""
+    """For at least 30 random draws of the whole pipeline, a marker drawn at a keypoint is found within 1 px of where
+    the transformed keypoint says it is."""
     width, height = size
     augment = KalieAugmentation(**GEOMETRY_ONLY)
     rng = np.random.default_rng(0)

@@ -15,7 +15,8 @@ from affordvla.offline.tabletop import make_scenes
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_regression import KeypointRegressionHead
-from affordvla.module import AffordVLAModule, KeypointRegressionModule
+from affordvla.policies.base import PolicyFormatError, read_head_state
+from affordvla.policies.keypoints import KeypointPolicyModule
 
 TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "vision_layers": 1, "text_layers": 1,
         "intermediate_size": 128}
@@ -39,11 +40,15 @@ def _samples(count: int = 4) -> list[KeypointSample]:
             for i, s in enumerate(make_scenes(5, count, 32))]
 
 
-def _module(path: str, family: str) -> KeypointRegressionModule:
+def _module(path: str, family: str) -> KeypointPolicyModule:
     torch.manual_seed(0)
     backbone = load_backbone(family, path)
-    return KeypointRegressionModule(backbone, KeypointRegressionHead(mlp_hidden_size=32),
-                                    optimizer=partial(torch.optim.AdamW, lr=3e-3), scheduler=None)
+    return KeypointPolicyModule(backbone, KeypointRegressionHead(mlp_hidden_size=32),
+                                optimizer=partial(torch.optim.AdamW, lr=3e-3), scheduler=None)
+
+
+def _predict_batch(module: KeypointPolicyModule, batch) -> torch.Tensor:
+    return module.head(module.backbone, batch["pixel_values"], batch["prompts"])
 
 
 def test_regression_learns_a_fixed_batch(tiny_backbones):
@@ -54,13 +59,13 @@ def test_regression_learns_a_fixed_batch(tiny_backbones):
     losses = []
     module.backbone.train()
     for _ in range(60):
-        loss = module.head.loss(module._predict_batch(batch), batch["targets"])["loss"]
+        loss = module.head.loss(_predict_batch(module, batch), batch["targets"])["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert_learned("overfit/keypoint_regression", fell_by(losses), 0.3, losses[::10])
-    predicted = module._predict_batch(batch).detach()
+    predicted = _predict_batch(module, batch).detach()
     assert predicted.shape == (4, 5, 2) and predicted.min() >= 0 and predicted.max() <= 1
 
 
@@ -68,7 +73,7 @@ def test_regression_learns_a_fixed_batch(tiny_backbones):
 def test_every_backbone_family_feeds_the_readout(tiny_backbones, family):
     module = _module(tiny_backbones[family], family)
     batch = module.make_collate()(_samples(2))
-    predicted = module._predict_batch(batch)
+    predicted = _predict_batch(module, batch)
     assert predicted.shape == (2, 5, 2)
     module.head.loss(predicted, batch["targets"])["loss"].backward()
     assert module.head.readout.grad is not None and module.head.readout.grad.abs().sum() > 0
@@ -85,15 +90,15 @@ def test_export_and_load_are_exact(tiny_backbones, tmp_path):
     with torch.no_grad():
         for parameter in trained.head.parameters():
             parameter.add_(torch.randn_like(parameter))  # weights no fresh head could have
-    trained.export_policy(tmp_path / "export")
+    trained.export(tmp_path / "export")
     restored = _module(tiny_backbones["paligemma"], "paligemma")
     assert not torch.equal(restored.head.readout, trained.head.readout)
-    restored.load_exported_head(tmp_path / "export")
+    restored.load_head_state(read_head_state(tmp_path / "export"))
     for (name, a), (_, b) in zip(trained.head.state_dict().items(), restored.head.state_dict().items()):
         assert torch.equal(a, b), name
     batch = trained.make_collate()(_samples(2))
     trained.eval(), restored.eval()
-    assert torch.equal(trained._predict_batch(batch), restored._predict_batch(batch))
+    assert torch.equal(_predict_batch(trained, batch), _predict_batch(restored, batch))
     # the module's checkpoint state (what Lightning saves) carries the head too
     state = trained.state_dict()
     assert any(k.startswith("head.mlp.") for k in state) and "head.readout" in state
@@ -101,14 +106,15 @@ def test_export_and_load_are_exact(tiny_backbones, tmp_path):
 
 def test_mismatched_head_settings_and_point_counts_are_named(tiny_backbones, tmp_path):
     module = _module(tiny_backbones["paligemma"], "paligemma")
-    module.export_policy(tmp_path / "export")
-    other = KeypointRegressionModule(module.backbone, KeypointRegressionHead(num_points=3, mlp_hidden_size=32),
-                                     optimizer=partial(torch.optim.AdamW, lr=1e-3))
-    with pytest.raises(ValueError, match="keypoint_head.json"):
-        other.load_exported_head(tmp_path / "export")
+    module.export(tmp_path / "export")
+    other = KeypointPolicyModule(module.backbone, KeypointRegressionHead(num_points=3, mlp_hidden_size=32),
+                                 optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    with pytest.raises(PolicyFormatError, match="do not fit this KeypointRegressionHead"):
+        other.load_head_state(read_head_state(tmp_path / "export"))
     sample = _samples(1)[0]
     sample.keypoints = sample.keypoints[:2]
     with pytest.raises(ValueError, match="entry_0"):
         module.head.target([sample])
-    with pytest.raises(TypeError, match="module=keypoint_regression"):
-        AffordVLAModule(module.backbone, KeypointRegressionHead(), optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    # one module for both keypoint heads: what it refuses is a head that is not a keypoint head
+    with pytest.raises(TypeError, match="needs a keypoint head"):
+        KeypointPolicyModule(module.backbone, torch.nn.Linear(2, 2), optimizer=partial(torch.optim.AdamW, lr=1e-3))

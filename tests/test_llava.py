@@ -105,8 +105,10 @@ def write_original_llava(out, llava_dir, projector="mlp2x_gelu", tower_in_checkp
     state["lm_head.weight"] = model.lm_head.weight[:vocab]
     proj = model.model.multi_modal_projector
     if projector == "mlp2x_gelu":
-        state.update({"model.mm_projector.0.weight": proj.linear_1.weight, "model.mm_projector.0.bias": proj.linear_1.bias,
-                      "model.mm_projector.2.weight": proj.linear_2.weight, "model.mm_projector.2.bias": proj.linear_2.bias})
+        state.update({"model.mm_projector.0.weight": proj.linear_1.weight,
+                      "model.mm_projector.0.bias": proj.linear_1.bias,
+                      "model.mm_projector.2.weight": proj.linear_2.weight,
+                      "model.mm_projector.2.bias": proj.linear_2.bias})
     else:
         state.update({"model.mm_projector.weight": proj.linear_1.weight, "model.mm_projector.bias": proj.linear_1.bias})
     if tower_in_checkpoint:

@@ -16,14 +16,12 @@ from hydra.utils import instantiate
 
 from affordvla.checkpointing import STATE_NAME
 from affordvla.evaluate import keypoint_settings
+from affordvla.policies.keypoints.decoding import DECODING_RECORD, read_decoding_record, run_decoding_settings
 from affordvla.tracking.run_record import (
-    DECODING_RECORD,
     LINEAGE_KEY,
     config_hash,
-    read_decoding_record,
     read_run_lineage,
     resume_record,
-    run_decoding_settings,
     run_tags,
 )
 from affordvla.train import CONFIG_DIR

@@ -29,7 +29,8 @@ def store(tmp_path_factory):
                        {"test/keypoint_error": 0.10, "test/mean_baseline_error": 0.20, "test/parse_failure_rate": 0.5},
                        3000),
         "llava": _run(client, "affordvla-robopoint", {**train, "backbone": "llava_tiny", "scale": "full"},
-                      {"test/keypoint_error": 0.40, "test/mean_baseline_error": 0.50, "val/keypoint_error": 0.45}, 2000),
+                      {"test/keypoint_error": 0.40, "test/mean_baseline_error": 0.50, "val/keypoint_error": 0.45},
+                      2000),
         # not training runs, or not finished: left out
         "pretrain": _run(client, "affordvla-pretrain", {"backbone": "paligemma_tiny"}, {"pretrain/seconds": 3.0}, 4000),
         "table": _run(client, runs.TABLES_EXPERIMENT, {**train, "backbone": "x"}, {}, 5000),
@@ -103,7 +104,8 @@ def test_latest_overlay_downloads_the_last_step_of_the_split(store, tmp_path):
     assert local.name == "test_step000010.png"
     with Image.open(local) as image:
         assert image.getpixel((0, 0)) == (0, 0, 255)
-    assert runs.latest_overlay(ids["pg_new"], tmp_path / "dl", split="val", tracking_uri=uri).name == "val_step000002.png"
+    overlay = runs.latest_overlay(ids["pg_new"], tmp_path / "dl", split="val", tracking_uri=uri)
+    assert overlay.name == "val_step000002.png"
     assert runs.latest_overlay(ids["llava"], tmp_path / "dl", tracking_uri=uri) is None
 
 

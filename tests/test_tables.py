@@ -63,17 +63,21 @@ def store(tmp_path_factory):
     hashes = {name: _hash(name) for name in ("toy_actions_lstm", "toy_actions_mlp", "toy_actions_discrete")}
     full = {"scale": "full"}
     ids = {
-        "lstm_old": _log_run(client, "toy_actions_lstm", start=1000, metrics={"val/action_mse": 0.5, "val/gripper_accuracy": 10.0},
+        "lstm_old": _log_run(client, "toy_actions_lstm", start=1000,
+                             metrics={"val/action_mse": 0.5, "val/gripper_accuracy": 10.0},
                              tags={**full, "config_hash": hashes["toy_actions_lstm"]}),
-        "lstm": _log_run(client, "toy_actions_lstm", start=3000, metrics={"val/action_mse": 0.0412, "val/gripper_accuracy": 93.26},
+        "lstm": _log_run(client, "toy_actions_lstm", start=3000,
+                         metrics={"val/action_mse": 0.0412, "val/gripper_accuracy": 93.26},
                          tags={**full, "config_hash": hashes["toy_actions_lstm"], "git_sha": "abc"}),
         # newer, but failed: not a result
         "lstm_failed": _log_run(client, "toy_actions_lstm", start=4000, status="FAILED",
-                                metrics={"val/action_mse": 9.9}, tags={**full, "config_hash": hashes["toy_actions_lstm"]}),
+                                metrics={"val/action_mse": 9.9},
+                                tags={**full, "config_hash": hashes["toy_actions_lstm"]}),
         # newest, but another scale
         "lstm_smoke": _log_run(client, "toy_actions_lstm", start=5000, metrics={"val/action_mse": 7.0},
                                tags={"scale": "smoke", "config_hash": _hash("toy_actions_lstm", "scale=smoke")}),
-        "mlp": _log_run(client, "toy_actions_mlp", start=2000, metrics={"val/action_mse": 0.0387, "val/gripper_accuracy": 95.0},
+        "mlp": _log_run(client, "toy_actions_mlp", start=2000,
+                        metrics={"val/action_mse": 0.0387, "val/gripper_accuracy": 95.0},
                         tags={**full, "config_hash": "0123456789ab"}),
         "discrete": _log_run(client, "toy_actions_discrete", start=2500,
                              metrics={"val/action_mse": 0.1, "val/gripper_accuracy": 0.2, "val/gripper_pct": 97.5},
@@ -174,7 +178,8 @@ def test_a_reference_row_shows_the_papers_numbers_beside_the_cells(tmp_path, sto
     assert [c.status for c in cells] == ["reference", "ok", "stale", "missing", "ok"]
     markdown = files["markdown"].read_text()
     assert "| paper's model | — | 0.020 | — | — | — | — | reference (published only) |" in markdown
-    assert f"| lstm | **0.041** | 0.050 | 93.3 | 91.0 | `{ids['lstm'][:8]}` |" in markdown  # the reference is not "best"
+    # the reference is not "best"
+    assert f"| lstm | **0.041** | 0.050 | 93.3 | 91.0 | `{ids['lstm'][:8]}` |" in markdown
     assert "paper's model,,,0.02,,,,,,reference" in files["csv"].read_text().splitlines()
 
 
@@ -186,14 +191,18 @@ def _broken(spec_change) -> dict:
 
 @pytest.mark.parametrize("change,expected", [
     (lambda s: s["rows"][1].pop("experiment"), "rows[1] ('mlp'): 'experiment' is missing or not a string"),
-    (lambda s: s["rows"][0]["published"].update({"nope": 1.0}), "rows[0] ('lstm'): 'published' names unknown column(s) ['nope']"),
-    (lambda s: s["rows"][2]["published"].update({"action MSE": "high"}), "rows[2] ('gpt'): published['action MSE'] must be a number or null"),
-    (lambda s: s["rows"].append({"name": "lstm", "experiment": "toy_actions_lstm"}), "rows[4] ('lstm'): duplicate row name 'lstm'"),
+    (lambda s: s["rows"][0]["published"].update({"nope": 1.0}),
+     "rows[0] ('lstm'): 'published' names unknown column(s) ['nope']"),
+    (lambda s: s["rows"][2]["published"].update({"action MSE": "high"}),
+     "rows[2] ('gpt'): published['action MSE'] must be a number or null"),
+    (lambda s: s["rows"].append({"name": "lstm", "experiment": "toy_actions_lstm"}),
+     "rows[4] ('lstm'): duplicate row name 'lstm'"),
     (lambda s: s["rows"][3].update({"experimnt": "x"}), "rows[3] ('discrete'): unknown key(s) ['experimnt']"),
     (lambda s: s["rows"][2].update({"experiment": None}),
      "rows[2] ('gpt'): a reference row (experiment: null) needs published numbers"),
     (lambda s: s["columns"][0].pop("metric"), "columns[0] ('action MSE'): 'metric' is missing or not a string"),
-    (lambda s: s["columns"][1].update({"format": "{:.1q}"}), "columns[1] ('gripper acc (%)'): 'format' '{:.1q}' cannot format"),
+    (lambda s: s["columns"][1].update({"format": "{:.1q}"}),
+     "columns[1] ('gripper acc (%)'): 'format' '{:.1q}' cannot format"),
     (lambda s: s.update({"rows": []}), "'rows' must be a non-empty list"),
     (lambda s: s.update({"colums": []}), "unknown key(s) ['colums']"),
 ])

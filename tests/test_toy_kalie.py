@@ -26,7 +26,7 @@ def dataset(tmp_path_factory):
 def test_points_are_a_json_string_of_the_five_named_points_in_order(dataset):
     data = json.loads((dataset / "data_jsonformat.json").read_text())
     assert list(data) == [f"entry_{i}" for i in range(18)]
-    for key, entry in data.items():
+    for entry in data.values():
         assert set(entry) == {"img", "points", "other"}
         assert isinstance(entry["points"], str)  # JSON inside JSON, as KALIE writes it
         points = json.loads(entry["points"])

@@ -29,19 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def _family(model_dir: Path) -> str:
-    from affordvla.backbones.factory import FAMILIES
-    from affordvla.backbones.llava.convert import is_original_llava
+    from affordvla.backbones.factory import family_of
 
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: no such model folder (an export: <run>/model)")
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{model_dir} has no config.json: not a model directory")
-    config = json.loads(config_file.read_text())
-    family = "llava" if is_original_llava(config) else config.get("model_type")
-    if family not in FAMILIES:
-        raise ValueError(f"{config_file}: model_type {family!r} is not one of {sorted(FAMILIES)}")
-    return family
+    return family_of(model_dir)
 
 
 def load_model(model_dir: str | Path, **kwargs):
@@ -53,75 +43,64 @@ def load_model(model_dir: str | Path, **kwargs):
     return backbone
 
 
+def _keypoint_settings(model_dir: Path, overrides: dict[str, Any] | None, run_config: dict[str, Any] | None):
+    """The keypoint policy's record and settings, read without loading any weights. A folder with no policy
+    record at all (a plain model, or an export older than its decoding record) is a version-0 keypoint-text model:
+    decoded as the run's config beside it (or `run_config`) says, else as the flags say."""
+    from affordvla.policies import keypoints
+    from affordvla.policies.loading import LEGACY_FILES, POLICY_FILE, read_policy_record
+
+    recorded = any((model_dir / name).is_file() for name in (POLICY_FILE, *LEGACY_FILES))
+    record = read_policy_record(model_dir) if recorded else {"kind": "keypoints", "format_version": 0}
+    if record["kind"] != "keypoints":
+        raise ValueError(f"{model_dir} holds a policy of kind {record['kind']!r}: `keypoints` scores keypoint "
+                         "policies (evaluate it with `affordvla-eval rollout`)")
+    return record, keypoints.read_settings(model_dir, record, overrides, run_config)
+
+
 def keypoint_settings(model_dir: str | Path, overrides: dict[str, Any] | None = None,
                       run_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """How to decode an exported keypoint-text model: as its run did, from the export's record (`decoding.json`,
-    written by affordvla-train), else from the run's resolved config (`run_config`, or the config_resolved.yaml
-    beside an older export); `overrides` that are not None win. A model that records nothing needs `codec`."""
-    from omegaconf import OmegaConf
-
-    from affordvla.tracking.run_record import (
-        DECODING_RECORD,
-        read_decoding_record,
-        run_decoding_settings,
-    )
-
-    model_dir = Path(model_dir)
-    recorded, source = read_decoding_record(model_dir), model_dir / DECODING_RECORD
-    if recorded is None:
-        beside = model_dir.parent / "config_resolved.yaml"
-        if run_config is None and beside.is_file():
-            run_config, source = OmegaConf.to_container(OmegaConf.load(beside)), beside
-        if run_config is not None:
-            recorded = run_decoding_settings(run_config)
-    given = {key: value for key, value in (overrides or {}).items() if value is not None}
-    if recorded is None:
-        if "codec" not in given:
-            raise ValueError(f"{model_dir} records no decoding settings (no {DECODING_RECORD}, no run config beside "
-                             "it): pass --codec, and --constrained / --prompt-style / --prefix-lm / --centre-crop "
-                             "as its run trained, or evaluate the run with --run-id")
-        recorded, source = {}, None
-    settings = {**recorded, **given}
-    log.info("decoding settings %s (from %s%s)", json.dumps(settings, sort_keys=True), source or "the flags",
-             f"; flags override {sorted(given)}" if given and source else "")
-    return settings
+    """How a keypoint export decodes: as its run did, from the export's record (policy.json, or decoding.json of
+    an older export), else from the run's resolved config (`run_config`, or the config_resolved.yaml beside an
+    older export); `overrides` that are not None win. A model that records nothing needs `codec`."""
+    return _keypoint_settings(Path(model_dir), overrides, run_config)[1].decoding
 
 
 def evaluate_keypoints(model_dir: str | Path, data_root: str | Path | None = None, *, split: str = "test",
                        batch_size: int = 16, run_config: dict[str, Any] | None = None,
                        **overrides: Any) -> dict[str, float]:
-    """KALIE keypoint metrics of an exported keypoint-text model on a KALIE-format dataset split, beside the
+    """KALIE keypoint metrics of an exported keypoint policy on a KALIE-format dataset split, beside the
     mean-keypoint baseline. It decodes as its run did (`keypoint_settings`); keyword arguments that are not None
     (codec, codec_kwargs, prompt_style, constrained, max_new_tokens, prefix_lm, centre_crop) override. The data
     defaults to the run's dataset (the export's dataset_metadata.json)."""
     from affordvla.data.datamodule import KalieDataModule
-    from affordvla.heads.keypoint_text import KeypointTextHead
     from affordvla.metrics.keypoints import KeypointEvaluator
+    from affordvla.policies import keypoints
 
     model_dir = Path(model_dir)
     _family(model_dir)  # a folder that is not a model fails here, before the settings are looked for
-    settings = keypoint_settings(model_dir, overrides, run_config)
+    record, settings = _keypoint_settings(model_dir, overrides, run_config)
+    given = settings.given
+    log.info("decoding settings %s (from %s%s)", json.dumps(settings.decoding, sort_keys=True),
+             settings.source or "the flags", f"; flags override {given}" if given and settings.source else "")
     data_root = Path(data_root) if data_root is not None else _recorded_data_root(model_dir)
     if not data_root.is_dir():
         raise FileNotFoundError(f"--data {data_root}: no such dataset folder (a KALIE-format dataset: "
                                 "data_jsonformat.json and imgs/)")
-    prefix_lm, centre_crop = settings.pop("prefix_lm", None), settings.pop("centre_crop", None)
-    backbone = load_model(model_dir, **({"prefix_lm": prefix_lm} if prefix_lm is not None else {}))
-    head = KeypointTextHead(**settings)
-    head.bind(backbone)
-    data = KalieDataModule(str(data_root), generate=None, eval_centre_crop=centre_crop)
+    policy = keypoints.build(model_dir, settings, record)
+    # the dataset crops the images (and moves the labels) to the run's view, so the policy must not crop again
+    data = KalieDataModule(str(data_root), generate=None, eval_centre_crop=settings.centre_crop)
     data.setup()
     if split not in data.splits:
         raise ValueError(f"{data_root} has no split {split!r}; it has {sorted(data.splits)}")
     evaluator = KeypointEvaluator(mean_keypoints=data.train_keypoint_mean(),
-                                  kalie_answers=head.codec.name == "kalie_json")
+                                  kalie_answers=policy.module.head.kalie_answers)
     samples = [data.splits[split][i] for i in range(len(data.splits[split]))]
-    with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            pixels = backbone.preprocess_images([s.image for s in batch])
-            texts, predictions = head.predict(backbone, pixels, batch)
-            evaluator.add(batch, texts, predictions)
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        predictions = policy.predict([{"image": s.image, "instruction": s.instruction, "task": s.task,
+                                       "objects": s.objects} for s in batch], centre_crop=False)
+        evaluator.add(batch, [p.text for p in predictions], [p.points if p.parsed else None for p in predictions])
     return evaluator.compute()
 
 

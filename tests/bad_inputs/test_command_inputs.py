@@ -66,7 +66,8 @@ def _recorded_run(folder: Path, lora: dict | None = None) -> Path:
     config = {"backbone": {"_target_": "affordvla.backbones.factory.load_backbone", "family": "paligemma",
                            "pretrained": str(folder / "base"), "lora": lora},
               "head": {"_target_": "affordvla.heads.keypoint_text.KeypointTextHead"},
-              "module": {"_target_": "affordvla.module.AffordVLAModule"}, "paths": {"output_dir": str(folder)}}
+              "module": {"_target_": "affordvla.policies.keypoints.KeypointPolicyModule"},
+              "paths": {"output_dir": str(folder)}}
     (folder / "config_resolved.yaml").write_text(yaml.safe_dump(config))
     checkpoint = folder / "checkpoints" / "step_000004"
     checkpoint.mkdir(parents=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from .conftest import assert_clear_failure
 
-from affordvla.tracking.run_record import DECODING_RECORD
+from affordvla.policies.keypoints.decoding import DECODING_RECORD
 
 
 def _store(workspace) -> Path:

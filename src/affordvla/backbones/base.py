@@ -96,6 +96,9 @@ def check_loading_info(info: dict, weights: str | Path, layout: str) -> None:
 
 
 class VLMBackbone(nn.Module, abc.ABC):
+    """A vision-language model behind one interface: preprocessing, token inputs, forward and generation, and
+    the embedding-level calls policy heads use. Each family (PaliGemma, LLaVA, CogVLM) subclasses it."""
+
     family: ClassVar[str]
     # Prefixes of parameter names per part, for per-part learning rates and freezing.
     part_prefixes: ClassVar[dict[str, tuple[str, ...]]]
@@ -106,6 +109,8 @@ class VLMBackbone(nn.Module, abc.ABC):
     # (PaliGemma 1 on Gemma, PaliGemma 2 on Gemma 2); the classes come from the loaded model.
     decoder_layer_names: ClassVar[tuple[str, ...]] = ()
     vision_layer_names: ClassVar[tuple[str, ...]] = ()
+    # The wrapped Hugging Face model: its sub-modules and config are attributes that no stub describes.
+    model: Any
 
     def __init__(self, model: nn.Module, processor: Any, source: str):
         super().__init__()
@@ -240,3 +245,13 @@ class VLMBackbone(nn.Module, abc.ABC):
         for name, param in self.model.named_parameters():
             if any(name.startswith(self.part_prefixes[p]) for p in parts):
                 param.requires_grad_(False)
+
+
+def answer_logits(backbone: VLMBackbone, pixel_values: torch.Tensor, inputs: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM logits over the answer columns only, and the labels. Answers are right-aligned after a left-padded
+    prefix (pack_prompts_and_answers), so the logits from the first answer column onwards are all a loss needs."""
+    labels = inputs["labels"]
+    first_answer = int((labels != IGNORE_INDEX).float().argmax(dim=1).min())
+    output = backbone(pixel_values, inputs, logits_to_keep=labels.shape[1] - first_answer + 1)
+    return output.logits, labels

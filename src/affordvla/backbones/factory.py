@@ -28,6 +28,24 @@ FAMILIES: dict[str, type[VLMBackbone]] = {"paligemma": PaliGemmaBackbone, "llava
                                           "cogvlm": CogVLMBackbone}
 
 
+def family_of(model_dir: str | Path) -> str:
+    """The backbone family of a model folder, from its config.json (an original LLaVA checkpoint counts as
+    llava)."""
+    from affordvla.backbones.llava.convert import is_original_llava
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder (an export: <run>/model)")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{model_dir} has no config.json: not a model directory")
+    config = json.loads(config_file.read_text())
+    family = "llava" if is_original_llava(config) else config.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(f"{config_file}: model_type {family!r} is not one of {sorted(FAMILIES)}")
+    return family
+
+
 def _suggest(name: str, valid) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -117,6 +135,7 @@ def load_backbone(family: str, pretrained: str, build: Callable[[Path], Path] | 
         with exclusive(path):  # parallel jobs of a sweep: one builds, the others wait and load its result
             if not (path / "config.json").exists():
                 log.info("building offline %s checkpoint at %s", family, path)
+                assert build is not None  # check_backbone_paths refused a missing checkpoint it cannot build
                 build(path)
     try:
         backbone = FAMILIES[family].from_pretrained(path, dtype=dtype, **quantization_kwargs(quantization), **kwargs)

@@ -21,6 +21,8 @@ ADAPTER_INFO = "affordvla_adapter.json"
 
 @dataclass
 class LoraSettings:
+    """LoRA settings of a backbone (`backbone.lora`): rank, alpha, dropout and which layers get adapters."""
+
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -46,7 +48,9 @@ def apply_lora(backbone, settings: LoraSettings) -> None:
     """Inject LoRA adapters; every other weight is frozen except the parts named in `extra_trainable`."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    # peft annotates lora_alpha as int but scales by alpha / rank, so a float alpha works as written
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,  # type: ignore[arg-type]
+                        lora_dropout=settings.dropout,
                         target_modules=lora_target_regex(backbone, settings), bias="none")
     # get_peft_model injects into backbone.model in place; the wrapper is kept (unregistered) for merge/save
     wrapper = get_peft_model(backbone.model, config)
@@ -114,7 +118,8 @@ def quantization_kwargs(quantization: str | None) -> dict[str, Any]:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError(f"quantization={quantization} needs the bitsandbytes package: pip install bitsandbytes") from None
+        raise ValueError(f"quantization={quantization} needs the bitsandbytes package: "
+                         "pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":

@@ -60,10 +60,10 @@ class LiveTensorMemory(TorchDispatchMode):
 
 
 def _batch(backbone, head, batch_size: int):
-    from affordvla.offline.tabletop import make_scenes
     from affordvla.formats.kalie_tasks import TASKS
     from affordvla.formats.sample import KeypointSample
-    from affordvla.module import KeypointBatchCollator
+    from affordvla.offline.tabletop import make_scenes
+    from affordvla.policies.keypoints import KeypointBatchCollator
 
     samples = [KeypointSample(image=s.image, instruction=TASKS[s.task].instruction, keypoints=s.keypoints,
                               task=s.task) for s in make_scenes(7, batch_size, 128)]

@@ -120,6 +120,8 @@ def real_size_backbone(family: str, device: str, dtype: torch.dtype, work: Path,
 
 @dataclass
 class StepShape:
+    """The sizes one training step works on, for counting its matrix-product FLOPs."""
+
     batch: int
     positions: int  # T: every position of a (padded) sequence
     patches: int  # P: image patches the tower sees per image

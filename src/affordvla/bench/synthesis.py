@@ -152,7 +152,7 @@ def _train(work: Path, name: str, overrides: list[str], steps: int, batch_size: 
                f"hydra.run.dir={run_dir}", "logger=none", "export_dir=null", f"trainer.max_steps={steps}",
                f"trainer.val_check_interval={steps}", f"callbacks.model_checkpoint.every_n_train_steps={steps}",
                "callbacks.progress_bar.refresh_rate=0", f"dataset.batch_size={batch_size}",
-               "module.num_overlays=0", *overrides]
+               "module.callbacks.keypoint_overlays=null", *overrides]
     subprocess.run(command, check=True)
     return json.loads((run_dir / "metrics.json").read_text())
 

@@ -20,8 +20,9 @@ from affordvla.offline.tabletop import make_scenes
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_text import KeypointTextHead
-from affordvla.module import AffordVLAModule
 from affordvla.optim import warmup_cosine
+from affordvla.policies.base import answer_logits
+from affordvla.policies.keypoints import KeypointPolicyModule
 
 
 class _SameBatch(Dataset):
@@ -48,15 +49,15 @@ class _StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def _module(backbone_dir: Path) -> AffordVLAModule:
+def _module(backbone_dir: Path) -> KeypointPolicyModule:
     backbone = PaliGemmaBackbone.from_pretrained(backbone_dir)
     head = KeypointTextHead(location_sigma=8.0)
-    module = AffordVLAModule(backbone, head, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
-                             scheduler=lambda optimizer, total_steps: warmup_cosine(optimizer, total_steps))
+    module = KeypointPolicyModule(backbone, head, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
+                                  scheduler=lambda optimizer, total_steps: warmup_cosine(optimizer, total_steps))
     return module
 
 
-def _batch(module: AffordVLAModule, batch_size: int):
+def _batch(module: KeypointPolicyModule, batch_size: int):
     samples = [KeypointSample(s.image, TASKS[s.task].instruction, s.keypoints, task=s.task,
                               meta={"source": "bench", "entry": str(i)})
                for i, s in enumerate(make_scenes(123, batch_size))]
@@ -82,7 +83,7 @@ def _hand_written_times(backbone_dir: Path, batch, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        logits, labels = module._answer_logits(batch)
+        logits, labels = answer_logits(module.backbone, batch["pixel_values"], batch["inputs"])
         loss = module.head.loss(logits, labels)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

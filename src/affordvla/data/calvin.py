@@ -55,6 +55,8 @@ def frame_path(root: Path, index: int) -> Path:
 
 @dataclass
 class CalvinSegment:
+    """One annotated language segment of a CALVIN split: a frame range and its instruction."""
+
     start: int  # first frame, inclusive
     end: int  # last frame, inclusive
     instruction: str

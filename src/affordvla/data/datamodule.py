@@ -82,11 +82,12 @@ class KeypointDataset(Dataset):
 
 
 class KeypointDataModule(L.LightningDataModule, abc.ABC):
-    # How many points every answer has (None: it varies per sample, as in RoboPoint's VQA)
-    points_per_sample: int | None = None
     """What every keypoint datamodule shares: `splits` of KeypointDatasets, the collate the module provides, the
     step-resumable training sampler, evaluation loaders and the optional HDF5 sample cache. Subclasses build
     `splits` in `setup` and define `train_keypoint_mean` (the mean baseline the evaluator scores)."""
+
+    # How many points every answer has (None: it varies per sample, as in RoboPoint's VQA)
+    points_per_sample: int | None = None
 
     sample_kind = "keypoints"
     format_error: type[ValueError] = ValueError  # raised for a file that breaks the dataset's format
@@ -302,7 +303,7 @@ class KalieDataModule(KeypointDataModule):
         return mean.astype(np.float32)
 
     def metadata(self) -> dict[str, Any]:
-        # the evaluation view travels with the policy, so a loaded policy sees images as its run's evaluation did
+        # the evaluation view travels with the policy: inference shows the model what evaluation showed it
         return {"root": str(self.root), **super().metadata(), "max_train_samples": self.max_train_samples,
                 "eval_centre_crop": self.eval_centre_crop}
 

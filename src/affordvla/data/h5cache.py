@@ -40,6 +40,8 @@ class CacheError(ValueError):
 
 @dataclass
 class EpisodeRecord:
+    """One episode as the HDF5 action cache stores it: camera frames, actions, instruction and optional state."""
+
     key: str  # where it came from (source file / segment), kept for error messages
     images: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
     actions: np.ndarray  # (T, D)
@@ -300,7 +302,8 @@ class KeypointCache:
             self._file = h5py.File(self.path, "r")
         entry = self._file["samples"][key.replace("/", "_")]
         return KeypointSample(image=entry["image"][()], instruction=str(entry.attrs["instruction"]),
-                              keypoints=entry["keypoints"][()], point_names=tuple(json.loads(entry.attrs["point_names"])),
+                              keypoints=entry["keypoints"][()],
+                              point_names=tuple(json.loads(entry.attrs["point_names"])),
                               task=str(entry.attrs["task"]), objects=json.loads(entry.attrs["objects"]),
                               meta=json.loads(entry.attrs["meta"]))
 

@@ -47,6 +47,8 @@ class KalieFormatError(ValueError):
 
 @dataclass
 class KalieEntry:
+    """One entry of a KALIE data_jsonformat.json: image, the five keypoints, task and objects."""
+
     key: str
     image_path: Path
     points: dict[str, tuple[int, int]]  # KALIE_POINT_NAMES order, 0-1000 ints

@@ -31,6 +31,8 @@ CAMERA_CROP = (0, 250, 700, 950)  # row0, col0, row1, col1 of the 720x1280 camer
 
 @dataclass
 class CollectedSample:
+    """One sample of KALIE's HDF5 collection: the stored image and its keypoints."""
+
     key: str  # entry_i in its file
     image: np.ndarray  # HxWx3 uint8
     points: dict[str, tuple[int, int]]  # KALIE point name -> (x, y) on 0-1000

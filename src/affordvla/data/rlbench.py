@@ -103,6 +103,8 @@ def load_rlbench_pickle(path: str | Path) -> Any:
 
 @dataclass
 class RLBenchEpisode:
+    """One episode folder of an RLBench task variation, with its language descriptions."""
+
     task: str
     variation: int
     path: Path  # the episode{M} folder

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from affordvla.formats.sample import KeypointSample
+from affordvla.formats.sample import KeypointSample, numbered_point_names
 
 ROBOPOINT_ANSWER_SUFFIX = (
     "Your answer should be formatted as a list of tuples, i.e. [(x1, y1), (x2, y2), ...], where each tuple "
@@ -37,10 +37,6 @@ class RoboPointFormatError(ValueError):
     """A RoboPoint / Where2Place file does not follow the format; the message names the file and the entry."""
 
 
-def point_names(count: int) -> tuple[str, ...]:
-    return tuple(f"Point {i + 1}" for i in range(count))
-
-
 def parse_point_answer(text: str) -> np.ndarray | None:
     """`[(x, y), ...]` with every coordinate in [0, 1] -> (N, 2); anything else (text, boxes) -> None."""
     if not _POINT_LIST.match(text):
@@ -53,6 +49,8 @@ def parse_point_answer(text: str) -> np.ndarray | None:
 
 @dataclass
 class ConversationTurn:
+    """One question/answer turn of a RoboPoint (LLaVA-format) conversation about an image."""
+
     entry_id: str
     turn: int
     image_path: Path
@@ -116,8 +114,9 @@ def pointing_samples(json_path: str | Path, image_dir: str | Path) -> tuple[list
         where = f"{json_path}, entry {turn.entry_id!r}"
         samples.append(KeypointSample(
             image=load_image(turn.image_path, where), instruction=turn.question, keypoints=points,
-            point_names=point_names(len(points)), task="robopoint",
-            meta={"source": str(json_path), "entry": f"{turn.entry_id}#{turn.turn}", "image_path": str(turn.image_path)},
+            point_names=numbered_point_names(len(points)), task="robopoint",
+            meta={"source": str(json_path), "entry": f"{turn.entry_id}#{turn.turn}",
+                  "image_path": str(turn.image_path)},
         ))
     return samples, left_out
 
@@ -144,6 +143,8 @@ def point_entry(entry_id: str, image: str, question: str, points: np.ndarray) ->
 
 @dataclass
 class Where2PlaceQuestion:
+    """One Where2Place question: the image, the mask of correct places, the question text and its category."""
+
     question_id: int | str
     image_path: Path
     mask_path: Path

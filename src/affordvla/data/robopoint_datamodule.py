@@ -33,10 +33,9 @@ from affordvla.data.robopoint import (
     RoboPointFormatError,
     load_image,
     parse_point_answer,
-    point_names,
     read_conversations,
 )
-from affordvla.formats.sample import POINT_SET, KeypointSample
+from affordvla.formats.sample import POINT_SET, KeypointSample, numbered_point_names
 
 log = logging.getLogger(__name__)
 _BOX = re.compile(r"\(\s*[\d.]+(\s*,\s*[\d.]+){3}\s*\)")  # the rule pointing_samples counts boxes by
@@ -44,6 +43,8 @@ _BOX = re.compile(r"\(\s*[\d.]+(\s*,\s*[\d.]+){3}\s*\)")  # the rule pointing_sa
 
 @dataclass
 class RoboPointEntry:
+    """One pointing turn of a RoboPoint conversation file, read without its image."""
+
     key: str  # "{id}#{turn}", the entry name pointing_samples and the HDF5 cache use
     source: str  # the conversation file
     image_path: Path
@@ -81,7 +82,7 @@ def read_pointing_index(json_path: str | Path, image_dir: str | Path,
 def load_robopoint_sample(entry: RoboPointEntry) -> KeypointSample:
     return KeypointSample(
         image=load_image(entry.image_path, f"{entry.source}, entry {entry.key!r}"), instruction=entry.instruction,
-        keypoints=entry.points, point_names=point_names(len(entry.points)), task="robopoint",
+        keypoints=entry.points, point_names=numbered_point_names(len(entry.points)), task="robopoint",
         meta={"source": entry.source, "entry": entry.key, "image_path": str(entry.image_path), POINT_SET: True},
     )
 

@@ -38,6 +38,9 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the allowed globals (numpy arrays and their dtypes by default) and refuses
+    any other, so a data file cannot run code."""
+
     def __init__(self, file, *, source: str, allowed: frozenset[tuple[str, str]] = NUMPY_GLOBALS,
                  replacements: Mapping[tuple[str, str], Callable[..., Any] | type] | None = None):
         super().__init__(file)
@@ -85,7 +88,8 @@ def load_object_npy(path: str | Path, **kwargs) -> Any:
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise pickle.UnpicklingError(f"{path}: corrupt or truncated pickled array ({type(exc).__name__}: {exc})") from None
+        raise pickle.UnpicklingError(
+            f"{path}: corrupt or truncated pickled array ({type(exc).__name__}: {exc})") from None
     if isinstance(array, np.ndarray) and array.shape == () and shape == ():
         return array.item()
     return array

@@ -120,7 +120,7 @@ def _decode_feature(buf: bytes) -> list[bytes] | np.ndarray:
             return [v for n, _, v in _fields(payload) if n == 1]
         if kind == 2:
             floats = bytearray()
-            for n, wire, v in _fields(payload):
+            for n, _, v in _fields(payload):
                 if n == 1:
                     floats += v  # packed (wire 2) or one fixed32 (wire 5): both raw little-endian float bytes
             return np.frombuffer(bytes(floats), dtype="<f4").copy()

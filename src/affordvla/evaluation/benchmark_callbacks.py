@@ -44,6 +44,9 @@ def answer_where2place(backbone, head, questions, max_new_tokens: int, batch_siz
 
 
 class Where2PlaceCallback(L.Callback):
+    """After testing, answers the Where2Place questions and scores them (compat or corrected rules), writing
+    the answers and metrics to the output folder and the run."""
+
     def __init__(self, root: str, output_dir: str, mode: str = "compat", batch_size: int = 8,
                  max_new_tokens: int | None = None, metric_prefix: str = "test/where2place"):
         if mode not in ("compat", "corrected"):
@@ -108,4 +111,5 @@ class Where2PlaceCallback(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         log_artifact(trainer, path, "benchmarks")
-        log.info("Where2Place (%s, %s): %s", self.root, self.mode, json.dumps({k: round(v, 3) for k, v in metrics.items()}))
+        log.info("Where2Place (%s, %s): %s", self.root, self.mode,
+                 json.dumps({k: round(v, 3) for k, v in metrics.items()}))

@@ -34,6 +34,8 @@ STRIP_COLUMNS = 8  # frames per saved strip, evenly spaced over the rollout
 
 
 class Agent(Protocol):
+    """What a rollout drives: reset at an episode's start, then an action per observation."""
+
     def reset(self) -> None: ...
 
     def act(self, observation: dict[str, Any]) -> np.ndarray: ...

@@ -23,6 +23,9 @@ class KeypointParseError(ValueError):
 
 
 class KeypointCodec(abc.ABC):
+    """An answer format for keypoints: encodes points as the text a model is trained to write, and decodes
+    generated text back to points (counting the answers it cannot read)."""
+
     name: str = ""
     fixed_count = True  # encode requires exactly one point per name
     # The image fraction one unit of a coordinate written in digits stands for (KALIE's 0-999 ints: 1/1000;

@@ -9,6 +9,8 @@ from affordvla.formats.sample import KALIE_POINT_NAMES
 
 @dataclass(frozen=True)
 class KalieTask:
+    """One of KALIE's tasks: its instruction, the objects it involves and what each keypoint means."""
+
     name: str
     instruction: str
     objects: tuple[str, ...]  # GroundingDINO prompts / object names, in synthesis order

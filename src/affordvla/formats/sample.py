@@ -60,3 +60,8 @@ class ActionWindowSample:
     frame_mask: np.ndarray  # (T,) bool
     state: np.ndarray | None = None  # (T, S) proprioception, when the dataset has it
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def numbered_point_names(count: int) -> tuple[str, ...]:
+    """Names of the points of a set that does not name them (RoboPoint's answers): "Point 1", "Point 2", ..."""
+    return tuple(f"Point {i + 1}" for i in range(count))

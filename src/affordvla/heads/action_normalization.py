@@ -26,6 +26,9 @@ EPS = 1e-8
 
 
 class ActionNormalizer:
+    """Maps a dataset's actions to the range the heads predict in and back (clip or quantile bounds per
+    dimension, per dataset in a mixture); the gripper becomes a binary target."""
+
     def __init__(self, action_dim: int, mode: str = "clip", clip_bound: float = 0.65,
                  q01: list[float] | None = None, q99: list[float] | None = None, gripper_low: float = -1.0,
                  datasets: dict[str, dict[str, list[float]]] | None = None):

@@ -12,22 +12,26 @@ it works with every backbone family.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from affordvla.backbones.base import VLMBackbone
-from affordvla.formats.kalie_tasks import TASKS, kalie_prompt
+from affordvla.formats.sample import numbered_point_names
 from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
-from affordvla.heads.keypoint_text import PROMPT_STYLES
+from affordvla.heads.keypoint_head import PROMPT_STYLES, KeypointHead, Points
 
 LOSSES = ("l1", "mse")
 
 
-class KeypointRegressionHead(nn.Module):
+class KeypointRegressionHead(KeypointHead):
     """Readout token + MLP -> (K, 2) normalised keypoints. Sized for its backbone by `bind` (the readout token and
     the MLP input need the backbone's hidden size), which the LightningModule calls before any step."""
+
+    writes_text = False
 
     def __init__(self, num_points: int = len(KALIE_POINT_NAMES), mlp_hidden_size: int = 256, loss: str = "l1",
                  prompt_style: str = "instruction"):
@@ -61,10 +65,16 @@ class KeypointRegressionHead(nn.Module):
                                  nn.Linear(self.mlp_hidden_size, 2 * self.num_points)).to(device)
 
     # --- text ---------------------------------------------------------------------------------------------
-    def prompt(self, sample: KeypointSample) -> str:
-        if self.prompt_style == "kalie" and sample.task in TASKS:
-            return kalie_prompt(TASKS[sample.task])
-        return sample.instruction
+    @property
+    def point_names(self) -> tuple[str, ...]:
+        return KALIE_POINT_NAMES if self.num_points == len(KALIE_POINT_NAMES) else numbered_point_names(self.num_points)
+
+    def settings(self) -> dict[str, Any]:
+        return {"num_points": self.num_points, "mlp_hidden_size": self.mlp_hidden_size, "loss": self.loss_name,
+                "prompt_style": self.prompt_style}
+
+    def batch_inputs(self, backbone: VLMBackbone, samples: list[KeypointSample]) -> dict[str, Any]:
+        return {"prompts": [self.prompt(s) for s in samples], "targets": self.target(samples)}
 
     def target(self, samples: list[KeypointSample]) -> torch.Tensor:
         """(B, K, 2) normalised targets; every sample must carry exactly `num_points` points."""
@@ -95,6 +105,15 @@ class KeypointRegressionHead(nn.Module):
         with torch.no_grad():
             error = torch.linalg.vector_norm(predicted - target, dim=-1).mean()
         return {"loss": value, "keypoint_error": error}
+
+    def losses(self, backbone: VLMBackbone, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.loss(self(backbone, batch["pixel_values"], batch["prompts"]), batch["targets"])
+
+    def evaluate(self, backbone: VLMBackbone, batch: dict[str, Any]
+                 ) -> tuple[dict[str, torch.Tensor], list[str], Points]:
+        predicted = self(backbone, batch["pixel_values"], batch["prompts"])
+        points = predicted.detach().float().cpu().numpy()  # one forward serves the loss and the prediction
+        return self.loss(predicted, batch["targets"]), self.as_text(points), list(points)
 
     @torch.no_grad()
     def predict(self, backbone: VLMBackbone, pixel_values: torch.Tensor, samples: list[KeypointSample]):

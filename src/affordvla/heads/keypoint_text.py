@@ -4,22 +4,23 @@ prediction is greedy decoding parsed back by the same codec (failures counted, n
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
-from torch import nn
 from transformers import LogitsProcessorList
 
-from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
-from affordvla.formats.codecs import KeypointCodec, make_codec
-from affordvla.formats.kalie_tasks import TASKS, kalie_prompt
+from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone, answer_logits
+from affordvla.formats.sample import numbered_point_names
 from affordvla.formats.sample import KeypointSample
+from affordvla.formats.codecs import KeypointCodec, make_codec
 from affordvla.heads.constrained import TokenConstraint, codec_automaton
+from affordvla.heads.keypoint_head import PROMPT_STYLES, KeypointHead
 from affordvla.heads.soft_targets import soft_bin_nll
 
-PROMPT_STYLES = ("instruction", "kalie")
+__all__ = ["PROMPT_STYLES", "KeypointTextHead"]
 
 
-class KeypointTextHead(nn.Module):
+class KeypointTextHead(KeypointHead):
     """Has no parameters of its own: it reads the backbone's LM logits.
 
     `location_sigma` > 0 replaces the one-hot target of each `<locNNNN>` answer token by a Gaussian over the
@@ -32,15 +33,18 @@ class KeypointTextHead(nn.Module):
     `constrained` decodes through the codec's answer grammar (heads/constrained.py), so every answer parses.
     """
 
+    writes_text = True
+
     def __init__(self, codec: str = "paligemma_loc", prompt_style: str = "instruction", location_sigma: float = 0.0,
                  max_new_tokens: int | None = None, codec_kwargs: dict | None = None, constrained: bool = False):
         super().__init__()
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; valid: {PROMPT_STYLES}")
         self.codec: KeypointCodec = make_codec(codec, **(codec_kwargs or {}))
+        self.codec_kwargs = dict(codec_kwargs or {})
         self.prompt_style = prompt_style
         self.location_sigma = float(location_sigma)
-        self._max_new_tokens = max_new_tokens
+        self._max_new_tokens = self.configured_max_new_tokens = max_new_tokens
         self._location_ids: torch.Tensor | None = None
         self._digit_ids: torch.Tensor | None = None  # the tokens "0".."9", when numbers tokenise digit by digit
         self._digit_of: dict[int, int] = {}  # token id -> its digit
@@ -49,10 +53,28 @@ class KeypointTextHead(nn.Module):
         self._constraint: tuple[object, TokenConstraint] | None = None  # (tokenizer, its constraint)
 
     # --- text ---------------------------------------------------------------------------------------------
-    def prompt(self, sample: KeypointSample) -> str:
-        if self.prompt_style == "kalie" and sample.task in TASKS:
-            return kalie_prompt(TASKS[sample.task])
-        return sample.instruction
+    @property
+    def point_names(self) -> tuple[str, ...]:
+        names, count = self.codec.point_names, getattr(self.codec, "num_points", None)
+        if self.codec.fixed_count or count is None or count == len(names):
+            return names
+        return names[:count] if count < len(names) else numbered_point_names(count)  # matched to the data
+
+    @property
+    def kalie_answers(self) -> bool:
+        return self.codec.name == "kalie_json"
+
+    def settings(self) -> dict[str, Any]:
+        codec_kwargs = dict(self.codec_kwargs)
+        if getattr(self.codec, "num_points", None) is not None:  # set by match_point_count: it decodes by it
+            codec_kwargs["num_points"] = self.codec.num_points
+        return {"codec": self.codec.name, "codec_kwargs": codec_kwargs, "prompt_style": self.prompt_style,
+                "location_sigma": self.location_sigma, "max_new_tokens": self.configured_max_new_tokens,
+                "constrained": self.constrained}
+
+    def batch_inputs(self, backbone: VLMBackbone, samples: list[KeypointSample]) -> dict[str, Any]:
+        prompts = [self.prompt(s) for s in samples]
+        return {"inputs": backbone.build_inputs(prompts, [self.target_text(s) for s in samples])}
 
     def target_text(self, sample: KeypointSample) -> str:
         return self.codec.encode(sample.keypoints)
@@ -97,6 +119,9 @@ class KeypointTextHead(nn.Module):
                            if split and self.codec.integer_unit is not None else None)
         self._digit_of = {} if self._digit_ids is None else {int(t): d for d, t in enumerate(self._digit_ids)}
         self._dot_ids = frozenset(i for t, i in vocab.items() if t == ".")
+
+    def losses(self, backbone: VLMBackbone, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.loss(*answer_logits(backbone, batch["pixel_values"], batch["inputs"]))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Next-token loss on answer positions. `logits` covers the last `logits.shape[1]` positions."""

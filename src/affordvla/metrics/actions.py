@@ -26,7 +26,8 @@ def action_metrics(predicted: np.ndarray, target: np.ndarray, mask: np.ndarray |
     out = {"action_mse": float((error**2).mean()), "action_l1": float(np.abs(error).mean()), "count": len(p)}
     out.update({f"action_mse_dim{d}": float(v) for d, v in zip(dims, (error**2).mean(0))})
     if gripper_dim is not None:
-        out["gripper_accuracy"] = float(((p[:, gripper] > gripper_threshold) == (t[:, gripper] > gripper_threshold)).mean())
+        closed_predicted, closed_true = p[:, gripper] > gripper_threshold, t[:, gripper] > gripper_threshold
+        out["gripper_accuracy"] = float((closed_predicted == closed_true).mean())
     return out
 
 

@@ -22,6 +22,8 @@ MARGIN = 0.06  # keypoints and objects stay this far (normalised) inside the ima
 
 @dataclass
 class Scene:
+    """One procedural tabletop scene: the image, its KALIE task, the five keypoints and the objects' masks."""
+
     image: np.ndarray  # HxWx3 uint8
     task: str
     keypoints: np.ndarray  # (5, 2) normalised (x, y), KALIE_POINT_NAMES order

@@ -28,8 +28,8 @@ def build_tokenizer(bpe_vocab_size: int = 800) -> LlamaTokenizer:
     vocab, merges = train_bpe(["<unk>", "<s>", "</s>"], bpe_vocab_size, style="llama")
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
     tokenizer.pad_token = "<unk>"  # CogVLM's pad_token_id 0
-    tokenizer.add_bos_token = True
-    tokenizer.add_eos_token = False
+    tokenizer.add_bos_token = True  # type: ignore[misc]  # settable at run time; the stub declares it read-only
+    tokenizer.add_eos_token = False  # type: ignore[misc]
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

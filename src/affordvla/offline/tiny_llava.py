@@ -9,6 +9,7 @@ llava-hf conversion does, and a chat template for Vicuna v1 (LLaVA-1.5's and Rob
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -35,8 +36,8 @@ def build_tokenizer(bpe_vocab_size: int = 800) -> LlamaTokenizer:
     vocab, merges = train_bpe(["<unk>", "<s>", "</s>"], bpe_vocab_size, style="llama")
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
     tokenizer.add_special_tokens({"pad_token": "<pad>", "extra_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.add_bos_token = True  # Llama starts every sequence with <s>
-    tokenizer.add_eos_token = False
+    tokenizer.add_bos_token = True  # type: ignore[misc]  # Llama starts every sequence with <s>
+    tokenizer.add_eos_token = False  # type: ignore[misc]  # settable at run time; the stub declares it read-only
     return tokenizer
 
 
@@ -49,7 +50,8 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int, *, imag
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=1024, pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+    # transformers' LlavaConfig takes these through **kwargs, which its annotated signature leaves out
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,  # type: ignore[call-arg]
                        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
                        image_seq_length=(image_size // patch_size) ** 2, pad_token_id=pad_token_id)
 
@@ -59,11 +61,12 @@ def write_tiny_llava(out_dir: str | Path, *, seed: int = 0, **config_overrides) 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id,
+    image_token_id = cast(int, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))  # one token, one id
+    config = tiny_config(len(tokenizer), image_token_id, tokenizer.pad_token_id,
                          **config_overrides)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    vision = config.vision_config
+    vision: Any = config.vision_config  # the CLIPVisionConfig tiny_config built: int sizes
     grid = vision.image_size // vision.patch_size
     with torch.no_grad():  # 2-D sin-cos positions: each patch starts out knowing where it is; CLS keeps a zero position
         table = model.model.vision_tower.embeddings.position_embedding.weight

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -39,11 +40,11 @@ def build_tokenizer(bpe_vocab_size: int = 800) -> GemmaTokenizer:
     then `<image>`.
     """
     vocab, merges = train_bpe(SPECIAL, bpe_vocab_size)
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]  # merges as pairs work too
     tokenizer.add_tokens(LOC_TOKENS + SEG_TOKENS)
     tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.add_bos_token = False
-    tokenizer.add_eos_token = False
+    tokenizer.add_bos_token = False  # type: ignore[misc]  # settable at run time; the stub declares it read-only
+    tokenizer.add_eos_token = False  # type: ignore[misc]
     return tokenizer
 
 
@@ -94,10 +95,10 @@ def tiny_config(
         num_attention_heads=heads,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=hidden_size,
+        projection_dim=hidden_size,  # type: ignore[call-arg]  # kept as a config attribute; PaliGemma reads it
         vision_use_head=False,
     )
-    text_kwargs = {
+    text_kwargs: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
@@ -107,6 +108,7 @@ def tiny_config(
         "head_dim": hidden_size // heads,
         "max_position_embeddings": 1024,
     }
+    text: GemmaConfig | Gemma2Config
     if text_model == "gemma":
         text = GemmaConfig(**text_kwargs)
     elif text_model == "gemma2":
@@ -122,7 +124,7 @@ def tiny_config(
         projection_dim=hidden_size,
         hidden_size=hidden_size,
     )
-    config.vision_config.projection_dim = hidden_size
+    cast(SiglipVisionConfig, config.vision_config).projection_dim = hidden_size
     return config
 
 
@@ -131,16 +133,17 @@ def write_tiny_paligemma(out_dir: str | Path, *, seed: int = 0, mimetic_attentio
     """Build, initialise and save the tiny checkpoint (config.json, model.safetensors, tokenizer, processor)."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_token_id = cast(int, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))  # one token, one id
     config = tiny_config(len(tokenizer), image_token_id, **config_overrides)
+    # the SiglipVisionConfig tiny_config built: int sizes, where transformers also types tuples and lists
+    vision: Any = config.vision_config
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
     _initialise_for_pointing(model, tokenizer)
     if mimetic_attention:
         for layer in model.model.vision_tower.encoder.layers:
-            mimetic_init(layer.self_attn, config.vision_config.num_attention_heads)
+            mimetic_init(layer.self_attn, vision.num_attention_heads)
 
-    vision = config.vision_config
     num_patches = (vision.image_size // vision.patch_size) ** 2
     image_processor = SiglipImageProcessorPil(
         size={"height": vision.image_size, "width": vision.image_size},
@@ -148,7 +151,7 @@ def write_tiny_paligemma(out_dir: str | Path, *, seed: int = 0, mimetic_attentio
         image_std=[0.5, 0.5, 0.5],
         resample=3,  # bicubic, as PaliGemma's
     )
-    image_processor.image_seq_length = num_patches
+    image_processor.image_seq_length = num_patches  # type: ignore[attr-defined]  # PaliGemmaProcessor reads it
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -184,7 +187,7 @@ def mimetic_init(attention, num_heads: int, qk: tuple[float, float] = (0.7, 0.7)
 
 @torch.no_grad()
 def _initialise_for_pointing(model: PaliGemmaForConditionalGeneration, tokenizer) -> None:
-    vision = model.config.vision_config
+    vision: Any = model.config.vision_config  # int sizes (see write_tiny_paligemma)
     grid = vision.image_size // vision.patch_size
     embeddings = model.model.vision_tower.embeddings
     embeddings.position_embedding.weight.copy_(sincos_2d(grid, vision.hidden_size))

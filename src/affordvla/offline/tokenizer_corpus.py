@@ -4,6 +4,7 @@ byte-fallback BPE trainer they share (SentencePiece style: '▁' marks a space, 
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
@@ -12,6 +13,7 @@ from tokenizers.trainers import BpeTrainer
 from affordvla.formats.kalie_tasks import TASKS, kalie_prompt
 
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
+
 
 _COMMON = (
     "the a an of to and in on with from for is are be this that it its at by as or not what where which "
@@ -54,4 +56,4 @@ def train_bpe(special_tokens: list[str], vocab_size: int = 800, unk_token: str =
     trainer_tokenizer.train_from_iterator(tokenizer_corpus(), trainer)
     state = json.loads(trainer_tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return state["vocab"], merges
+    return state["vocab"], cast(list[tuple[str, str]], merges)  # a BPE merge is a pair

@@ -40,6 +40,8 @@ GENERATOR_VERSION = 2  # bumped whenever the scenes or the expert change, so an 
 
 @dataclass(frozen=True)
 class ToyActionSettings:
+    """The settings of the toy action dataset; they also name its generated folder."""
+
     train_episodes: int = 256
     val_episodes: int = 16
     episode_length: int = 24

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone
+# answer_logits lives with the backbone so that heads (a layer below policies) can use it too; re-exported here
+from affordvla.backbones.base import VLMBackbone, answer_logits  # noqa: F401
 from affordvla.backbones.finetuning import export_backbone
 
 POLICY_FILE = "policy.json"
@@ -318,13 +319,3 @@ class PolicyModule(L.LightningModule, abc.ABC):
 def read_head_state(export_dir: Path) -> dict[str, torch.Tensor]:
     path = export_dir / HEAD_WEIGHTS
     return load_file(str(path)) if path.is_file() else {}
-
-
-def answer_logits(backbone: VLMBackbone, pixel_values: torch.Tensor, inputs: dict[str, torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LM logits over the answer columns only, and the labels. Answers are right-aligned after a left-padded
-    prefix (pack_prompts_and_answers), so the logits from the first answer column onwards are all a loss needs."""
-    labels = inputs["labels"]
-    first_answer = int((labels != IGNORE_INDEX).float().argmax(dim=1).min())
-    output = backbone(pixel_values, inputs, logits_to_keep=labels.shape[1] - first_answer + 1)
-    return output.logits, labels

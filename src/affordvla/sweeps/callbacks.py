@@ -37,8 +37,8 @@ class PrepareMlflowStore(Callback):
 
 class SweepReport(Callback):
     """After a sweep: chart the optimised metric of every job, labelled by the overrides that vary, and log the
-    PNG + CSV to the MLflow run `sweep-<task>-<sweep dir name>` in experiment `<jobs' experiment>-sweeps`. A failure here is logged, not raised: the jobs
-    have already run and recorded themselves."""
+    PNG + CSV to the MLflow run `sweep-<task>-<sweep dir name>` in experiment `<jobs' experiment>-sweeps`. A failure
+    here is logged, not raised: the jobs have already run and recorded themselves."""
 
     def __init__(self, enabled: bool = True, direction: str = "minimize"):
         self.enabled = enabled

@@ -103,7 +103,8 @@ def dimension(override: Override) -> Dimension:
                            "choice()")
 
 
-def search_space(params: dict[str, Any] | None, arguments: Sequence[str] = ()) -> tuple[list[str], dict[str, Dimension]]:
+def search_space(params: dict[str, Any] | None,
+                 arguments: Sequence[str] = ()) -> tuple[list[str], dict[str, Dimension]]:
     """(fixed overrides, searched dimensions by name) from the config's `params` (key -> override text) and the
     command line's overrides; the command line wins for a key given in both."""
     parser = OverridesParser.create()
@@ -173,7 +174,8 @@ class OptunaSweep:
         fixed, space = search_space(self.params, arguments)
         if not space:
             raise SearchSpaceError("the Optuna sweeper has nothing to search: give hydra.sweeper.params or "
-                                   "command-line overrides such as 'module.optimizer.lr=tag(log, interval(1e-5, 1e-3))'")
+                                   "command-line overrides such as "
+                                   "'module.optimizer.lr=tag(log, interval(1e-5, 1e-3))'")
         study = open_study(self.storage, self.study_name, self.direction, self.sampler)
         before = len(study.trials)
         log.info("study %s (%s): %d earlier trials; searching %s", self.study_name, self.storage, before,

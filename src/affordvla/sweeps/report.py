@@ -112,8 +112,9 @@ def log_sweep_summary(tracking_uri: str, experiment_name: str, sweep_dir: str | 
     csv_path = write_csv(rows, sweep_dir / "sweep_summary.csv")
     png_path = draw_chart(rows, metric, sweep_dir / "sweep_summary.png", direction, title=f"{name}: {metric}")
     finite = [r for r in rows if not math.isnan(r[metric])]
-    run = client.create_run(experiment_id, run_name=name, tags={SUMMARY_TAG: str(sweep_dir), "sweep_jobs": str(len(rows)),
-                                                                "sweep_experiment": experiment_name})
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={SUMMARY_TAG: str(sweep_dir), "sweep_jobs": str(len(rows)),
+                                  "sweep_experiment": experiment_name})
     if finite:
         best = (min if direction == "minimize" else max)(finite, key=lambda r: r[metric])
         client.log_metric(run.info.run_id, f"best/{metric}", best[metric])

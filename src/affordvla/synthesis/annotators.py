@@ -53,6 +53,8 @@ def _rgb(single: np.ndarray) -> np.ndarray:
 
 
 class Annotator(abc.ABC):
+    """A ControlNet context annotator: maps an image to a context map, and describes itself for the manifest."""
+
     name = "annotator"
     approximates = ""
 
@@ -101,6 +103,8 @@ def soft_edges(image: np.ndarray, sigmas: tuple[float, ...] = (1.0, 2.0, 4.0), g
 
 
 class SoftEdgeAnnotator(Annotator):
+    """Soft edges: gradient magnitude averaged over several scales, standing in for the PiDiNet network."""
+
     name = "softedge"
     approximates = "softedge_pidinet: classical multi-scale gradient magnitude instead of the PiDiNet network"
 

@@ -13,8 +13,8 @@ For one object move the backend
 Paste-back guarantee: the feathered alpha is `mask * clip(2 * blur(mask) - 1, 0, 1)` with a Gaussian blur of
 `mask_blur` px (4 px at 700, scaled like the padding). It is zero outside `request.inpaint_mask`, so every pixel
 outside the inpaint mask is returned bit-identical; it is one wherever the blur kernel (3 sigma) lies wholly inside
-the mask, so the mask's core is fully re-rendered. (The webui's blur also spreads a few px outside the mask; here the recipe's
-10-px dilation of the mask already leaves that room, and the contract says the mask bounds the change.)
+the mask, so the mask's core is fully re-rendered. (The webui's blur also spreads a few px outside the mask; here the
+recipe's 10-px dilation of the mask already leaves that room, and the contract says the mask bounds the change.)
 
 ControlNet control modes: "balanced" (default) and "prompt_more_important" (KALIE's depth unit), the latter as
 sd-webui-controlnet's soft injection: residual i of n is scaled by 0.825 ** (n - 1 - i), the middle block's by 1.

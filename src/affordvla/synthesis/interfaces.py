@@ -15,11 +15,15 @@ import numpy as np
 
 
 class MaskProvider(Protocol):
+    """What synthesis reads object masks from (GroundingDINO + SAM, or a stand-in)."""
+
     def masks(self, image: np.ndarray, object_names: list[str]) -> dict[str, np.ndarray]:
         """HxWx3 uint8 image -> {object name: HxW bool mask}; a name that is not found is left out."""
 
 
 class ContextAnnotator(Protocol):
+    """What turns an image into the ControlNet's context map."""
+
     name: str
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -42,6 +46,8 @@ class InpaintRequest:
 
 
 class InpaintBackend(Protocol):
+    """What re-renders an object inside a mask (Stable Diffusion with ControlNet, or a stand-in)."""
+
     name: str
 
     def inpaint(self, request: InpaintRequest) -> np.ndarray:

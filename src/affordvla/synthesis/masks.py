@@ -26,6 +26,8 @@ from affordvla.synthesis.checkpoints import (
 
 @dataclass
 class Detection:
+    """One GroundingDINO box for a caption: box, score and the caption words that matched."""
+
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
     score: float  # the box's best token probability (GroundingDINO's box score)
     phrase: str  # the caption tokens above the text threshold

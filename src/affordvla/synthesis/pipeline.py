@@ -54,6 +54,8 @@ class SynthesisError(RuntimeError):
 
 @dataclass
 class PlannedItem:
+    """One sample the synthesis plans to write: an original copied, or a variant of it with its seed."""
+
     key: str  # output key
     source: KalieEntry
     variant: int | None  # None: the original, copied
@@ -62,6 +64,8 @@ class PlannedItem:
 
 @dataclass
 class SynthesisResult:
+    """What a synthesis call did: where the dataset lies, how many samples of each kind, and the time it took."""
+
     root: Path
     entries: int
     originals: int

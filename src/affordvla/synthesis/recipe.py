@@ -64,6 +64,9 @@ def derive_seed(*parts: Any) -> int:
 
 @dataclass
 class Variant:
+    """One synthesised variant of an entry: the new image, its keypoints, the moved masks and the record of how
+    it was made."""
+
     image: np.ndarray
     points: dict[str, tuple[int, int]]  # 0-1000 ints, KALIE_POINT_NAMES order
     masks: dict[str, np.ndarray]  # the moved silhouettes of the objects that moved
@@ -198,7 +201,7 @@ class KalieRecipe:
             rng = np.random.default_rng([seed, j])
             owned = [k for k, o in enumerate(owners) if o == name]
             # Redraw (a few times) a map that would push one of the object's keypoints out of the image.
-            for attempt in range(self.max_affine_tries):
+            for attempt in range(self.max_affine_tries):  # noqa: B007 - the tries taken are recorded below
                 affine, drawn = sample_affine(rng, mask, self.affine)
                 new = transform_points(points_px[owned], affine)
                 if np.all((new >= 0) & (new <= [width, height])):
@@ -223,7 +226,8 @@ class KalieRecipe:
             moved_px[owned] = new
             moved_masks[name] = moved_mask
             prompts.append(prompt)
-            objects[name] = {"affine": np.round(affine, 6).tolist(), "drawn": {k: round(v, 6) for k, v in drawn.items()},
+            objects[name] = {"affine": np.round(affine, 6).tolist(),
+                             "drawn": {k: round(v, 6) for k, v in drawn.items()},
                              "tries": attempt + 1, "points": [KALIE_POINT_NAMES[k] for k in owned],
                              "inpaint_seed": request_seed}
         clamped = int(np.sum((moved_px < 0) | (moved_px > [width, height])))

@@ -38,7 +38,8 @@ def overlay_grid(items: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, st
     legend_h = 18
     grid = Image.new("RGB", (tile * columns, tile * rows + legend_h), (255, 255, 255))
     for i, (image, truth, prediction, caption) in enumerate(items):
-        grid.paste(draw_keypoints(image, truth, prediction, tile, caption), ((i % columns) * tile, (i // columns) * tile))
+        grid.paste(draw_keypoints(image, truth, prediction, tile, caption),
+                   ((i % columns) * tile, (i // columns) * tile))
     draw = ImageDraw.Draw(grid)
     x = 4
     for k, name in enumerate(point_names):

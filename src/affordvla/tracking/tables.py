@@ -37,6 +37,8 @@ class TableError(ValueError):
 
 @dataclass
 class Column:
+    """One column of a paper table: the metric it shows, which direction is better, and its number format."""
+
     name: str
     metric: str
     lower_is_better: bool | None = None
@@ -52,6 +54,9 @@ class Column:
 
 @dataclass
 class Row:
+    """One row of a paper table: the experiment config of its cell (None for a reference row) and the paper's
+    published numbers."""
+
     name: str
     experiment: str | None  # None: a reference row, the paper's own model, shown with its published numbers only
     published: dict[str, float | None] = field(default_factory=dict)
@@ -63,6 +68,8 @@ class Row:
 
 @dataclass
 class TableSpec:
+    """A paper table as `table.yaml` describes it: its columns, rows, source and smoke-scale overrides."""
+
     path: Path
     name: str
     title: str
@@ -233,6 +240,9 @@ def current_hash(spec: TableSpec, row: Row, overrides: list[str]) -> str:
 
 @dataclass
 class Cell:
+    """One row's result: its status (ok, stale, missing, failed, reference), the config hashes compared and the
+    measured values of the run found."""
+
     row: Row
     status: str
     current_hash: str

@@ -50,6 +50,9 @@ class EVA2CLIPConfig:
 
 
 class CogVLMConfig(PretrainedConfig):
+    """CogVLM's config.json: the LLaMA-style decoder's sizes and token ids, with the EVA2-CLIP tower's settings kept
+    as a plain dict under `vision_config`, as the official file keeps them."""
+
     model_type = "cogvlm"
 
     def __init__(
@@ -90,8 +93,9 @@ class CogVLMConfig(PretrainedConfig):
         self.use_cache = use_cache
         # the official checkpoints name the remote code here; nothing of it is used, so an export must not point at it
         kwargs.pop("auto_map", None)
-        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # PreTrainedConfig takes the token ids through **kwargs, which its annotated signature leaves out
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id,  # type: ignore[call-arg]
+                         eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def vision(self) -> EVA2CLIPConfig:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -56,12 +56,15 @@ PADDING_TOKEN_TYPE = -1  # only inside build_position_ids
 
 
 class PatchEmbedding(nn.Module):
+    """EVA2-CLIP's patch embedding: a strided convolution, a prepended CLS token and learned positions."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.image_size = vision.image_size
         self.proj = nn.Conv2d(vision.in_channels, vision.hidden_size, kernel_size=vision.patch_size,
                               stride=vision.patch_size)
         self.cls_embedding = nn.Parameter(torch.zeros(1, vision.hidden_size))
+        assert vision.num_positions is not None  # EVA2CLIPConfig derives it when not given
         self.position_embedding = nn.Embedding(vision.num_positions, vision.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,8 @@ class PatchEmbedding(nn.Module):
 
 
 class EVA2CLIPAttention(nn.Module):
+    """EVA2-CLIP's self-attention with one fused query/key/value projection."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.num_heads = vision.num_heads
@@ -90,6 +95,8 @@ class EVA2CLIPAttention(nn.Module):
 
 
 class EVA2CLIPMLP(nn.Module):
+    """EVA2-CLIP's two-layer feed-forward block."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.fc1 = nn.Linear(vision.hidden_size, vision.intermediate_size)
@@ -101,6 +108,8 @@ class EVA2CLIPMLP(nn.Module):
 
 
 class EVA2CLIPLayer(GradientCheckpointingLayer):
+    """One EVA2-CLIP block (attention, then MLP), each sublayer's output normalised before the residual add."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
@@ -115,6 +124,8 @@ class EVA2CLIPLayer(GradientCheckpointingLayer):
 
 
 class EVA2CLIPTransformer(nn.Module):
+    """The stack of EVA2-CLIP blocks."""
+
     def __init__(self, vision: EVA2CLIPConfig):
         super().__init__()
         self.layers = nn.ModuleList([EVA2CLIPLayer(vision) for _ in range(vision.num_hidden_layers)])
@@ -243,6 +254,8 @@ def run_experts(hidden: torch.Tensor, routing: ExpertRouting, vision_expert: nn.
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 and cast back (LLaMA's)."""
+
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -257,6 +270,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """GPT-NeoX layout (the two halves of each head rotate together). `inv_freq` is saved with the weights, as
     in the official checkpoints."""
+
+    inv_freq: torch.Tensor  # a registered buffer
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
@@ -284,6 +299,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SwiGLUMLP(nn.Module):
+    """LLaMA's gated feed-forward block: down(act(gate(x)) * up(x))."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -296,6 +313,8 @@ class SwiGLUMLP(nn.Module):
 
 
 class VisionExpertMLP(nn.Module):
+    """CogVLM's feed-forward with a visual expert: image tokens go through one MLP, text tokens another."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.language_mlp = SwiGLUMLP(config)
@@ -306,6 +325,9 @@ class VisionExpertMLP(nn.Module):
 
 
 class VisionExpertAttention(nn.Module):
+    """CogVLM's attention with visual-expert projections: image and text tokens have their own query/key/value
+    and output weights, and attend to each other in one rotary-position attention."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.hidden_size = config.hidden_size
@@ -338,6 +360,8 @@ class VisionExpertAttention(nn.Module):
 
 
 class CogVLMDecoderLayer(GradientCheckpointingLayer):
+    """One CogVLM decoder block: pre-norm visual-expert attention and MLP with residuals."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.self_attn = VisionExpertAttention(config)
@@ -356,10 +380,12 @@ class CogVLMDecoderLayer(GradientCheckpointingLayer):
 
 
 class CogVLMPreTrainedModel(PreTrainedModel):
+    """Shared `PreTrainedModel` settings of the CogVLM classes: config class, weight init, checkpointing units."""
+
     config_class = CogVLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules: ClassVar[list[str]] = ["CogVLMDecoderLayer", "EVA2CLIPLayer"]
+    _no_split_modules = ["CogVLMDecoderLayer", "EVA2CLIPLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -374,6 +400,8 @@ class CogVLMPreTrainedModel(PreTrainedModel):
 
 
 class CogVLMModel(CogVLMPreTrainedModel):
+    """CogVLM without its LM head: token embeddings, the EVA2-CLIP tower and the visual-expert decoder."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -385,7 +413,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Embedding) -> None:  # type: ignore[override]  # embeddings only
         self.embed_tokens = value
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
@@ -418,7 +446,8 @@ class CogVLMModel(CogVLMPreTrainedModel):
             past = past_key_values[index] if past_key_values is not None else None
             hidden, present = layer(hidden, routing, position_ids, mask, past_key_value=past, use_cache=use_cache)
             presents.append(present)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden),
+        # past_key_values: the name transformers still accepts (renamed to the dataclass field `cache`)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden),  # type: ignore[call-arg]
                                        past_key_values=presents if use_cache else None)
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
@@ -427,8 +456,9 @@ class CogVLMModel(CogVLMPreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool = False) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
-        shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        device = (input_ids if input_ids is not None else inputs_embeds).device
+        given = input_ids if input_ids is not None else inputs_embeds
+        assert given is not None  # exactly one of the two, checked above
+        shape, device = given.shape[:2], given.device
         if token_type_ids is None:
             token_type_ids = torch.full(shape, LANGUAGE_TOKEN_TYPE, dtype=torch.long, device=device)
         past_length = past_key_values[0][0].shape[2] if past_key_values is not None else 0
@@ -440,11 +470,14 @@ class CogVLMModel(CogVLMPreTrainedModel):
                                  "positions, so they cannot be counted from the cache length)")
             position_ids = build_position_ids(token_type_ids, attention_mask)
         if inputs_embeds is None:
+            assert input_ids is not None  # exactly one of the two, checked above
             inputs_embeds = self.embed(input_ids, token_type_ids, pixel_values)
         return self.decode(inputs_embeds, token_type_ids, attention_mask, position_ids, past_key_values, use_cache)
 
 
 class CogVLMForCausalLM(CogVLMPreTrainedModel):
+    """CogVLM with its LM head, under the official parameter names, loaded with `from_pretrained`."""
+
     def __init__(self, config: CogVLMConfig):
         super().__init__(config)
         self.model = CogVLMModel(config)
@@ -454,7 +487,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Embedding) -> None:  # type: ignore[override]  # embeddings only
         self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -474,7 +507,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel):
                          inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)  # type: ignore[call-arg]
 
 
 # ================================================================================================================
@@ -521,6 +554,8 @@ def weights_file(path: Path) -> Path:
 
 
 class CogVLMBackbone(VLMBackbone):
+    """The CogVLM family behind VLMBackbone: the native model, its processor and its chat template."""
+
     family = "cogvlm"
     decoder_layer_names = ("CogVLMDecoderLayer",)
     vision_layer_names = ("EVA2CLIPLayer",)
@@ -546,8 +581,10 @@ class CogVLMBackbone(VLMBackbone):
         weights = weights_file(path)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         # mismatches are reported below with the other problems, naming the file, rather than raised deep inside
-        model, info = CogVLMForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True,
-                                                        ignore_mismatched_sizes=True, **kwargs)
+        # (with output_loading_info the call returns (model, info), which its annotation leaves out)
+        model, info = cast(Any, CogVLMForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                                  output_loading_info=True,
+                                                                  ignore_mismatched_sizes=True, **kwargs))
         check_loading_info(info, weights, f"CogVLM layout of {path / 'config.json'}")
         processor = CogVLMProcessor.from_pretrained(path, config, tokenizer)
         return cls(model.eval(), processor, str(path), template_version=template_version)
@@ -629,7 +666,7 @@ class CogVLMBackbone(VLMBackbone):
         out = self.model(input_ids=inputs["input_ids"], pixel_values=pixel_values,
                          token_type_ids=inputs["token_type_ids"], attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        new_tokens = []
+        new_tokens: list[torch.Tensor] = []
         sequence = inputs["input_ids"]  # prompt + generated ids, for the processors
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):

@@ -18,6 +18,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -66,10 +67,12 @@ def _projector(state: dict[str, torch.Tensor], kind: str, src: Path) -> tuple[di
     if kind == "linear":
         weight, bias = state["model.mm_projector.weight"], state["model.mm_projector.bias"]
         hidden = weight.shape[0]  # a linear projector = linear_1, identity activation, identity linear_2
-        return {"linear_1.weight": weight, "linear_1.bias": bias, "linear_2.weight": torch.eye(hidden, dtype=weight.dtype),
+        return {"linear_1.weight": weight, "linear_1.bias": bias,
+                "linear_2.weight": torch.eye(hidden, dtype=weight.dtype),
                 "linear_2.bias": torch.zeros(hidden, dtype=weight.dtype)}, "linear"
     if re.fullmatch(r"mlp2x_gelu", kind):
-        return {"linear_1.weight": state["model.mm_projector.0.weight"], "linear_1.bias": state["model.mm_projector.0.bias"],
+        return {"linear_1.weight": state["model.mm_projector.0.weight"],
+                "linear_1.bias": state["model.mm_projector.0.bias"],
                 "linear_2.weight": state["model.mm_projector.2.weight"],
                 "linear_2.bias": state["model.mm_projector.2.bias"]}, "gelu"
     raise BackboneLoadError(f"{src}/config.json: mm_projector_type {kind!r} has no exact counterpart in transformers' "
@@ -104,7 +107,7 @@ def convert_original_llava(src: str | Path, vision_tower: str | Path | None = No
     vision_config, tower_state, processor_dir = _vision_tower(src, config, state, vision_tower)
 
     tokenizer = AutoTokenizer.from_pretrained(src)
-    added = {"extra_special_tokens": [IMAGE_TOKEN]} if IMAGE_TOKEN not in tokenizer.get_vocab() else {}
+    added: dict[str, Any] = {"extra_special_tokens": [IMAGE_TOKEN]} if IMAGE_TOKEN not in tokenizer.get_vocab() else {}
     if tokenizer.pad_token is None:
         added["pad_token"] = "<pad>"
     if added:
@@ -113,7 +116,8 @@ def convert_original_llava(src: str | Path, vision_tower: str | Path | None = No
     llama["vocab_size"] = len(tokenizer)  # grown by the tokens added above
     text_config = LlamaConfig(**llama)
     select = config.get("mm_vision_select_feature", "patch")
-    llava_config = LlavaConfig(
+    # transformers' LlavaConfig takes image_token_id and pad_token_id through **kwargs, left out of its signature
+    llava_config = LlavaConfig(  # type: ignore[call-arg]
         vision_config=vision_config, text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act=activation,
         vision_feature_layer=config.get("mm_vision_select_layer", -2),

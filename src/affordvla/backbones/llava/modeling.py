@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from affordvla.backbones.llava.conventions import VICUNA_SYSTEM
 from affordvla.backbones.llava.convert import convert_original_llava, is_original_llava
 
 
-def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+def pad_to_square(image: np.ndarray, fill: tuple[int, ...]) -> np.ndarray:
     """Centre the image on a square canvas of `fill` colour (LLaVA's expand2square)."""
     height, width = image.shape[:2]
     if height == width:
@@ -44,6 +45,9 @@ def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
 
 
 class LlavaBackbone(VLMBackbone):
+    """The LLaVA-1.5 family (RoboPoint's layout) behind VLMBackbone: transformers' Llava model, images padded to
+    square as LLaVA does, and the Vicuna v1 conversation template."""
+
     family = "llava"
     decoder_layer_names = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
     vision_layer_names = ("CLIPEncoderLayer", "SiglipEncoderLayer")
@@ -65,11 +69,12 @@ class LlavaBackbone(VLMBackbone):
         config_file = Path(path) / "config.json"
         if config_file.is_file() and is_original_llava(json.loads(config_file.read_text())):
             model, processor = convert_original_llava(path, vision_tower)
-            return cls(model.to(dtype), processor, str(path))
+            return cls(model.to(dtype), processor, str(path))  # type: ignore[arg-type]  # transformers' wrapped `to`
         read_checkpoint_config(path, "llava")
         # weights of another family would load with their missing tensors initialised at random: refused
-        model, info = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, output_loading_info=True, **kwargs)
+        # with output_loading_info the call returns (model, info), which its annotation leaves out
+        model, info = cast(Any, LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **kwargs))
         check_loading_info(info, path, f"Llava layout of {Path(path) / 'config.json'}")
         processor = AutoProcessor.from_pretrained(path)
         return cls(model, processor, str(path))

@@ -10,6 +10,7 @@ steps that way, and not at all in the same steps with the bidirectional prefix (
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from affordvla.backbones.base import (
 
 
 class PaliGemmaBackbone(VLMBackbone):
+    """The PaliGemma family behind VLMBackbone: transformers' PaliGemma model, with prefix-LM or causal attention."""
+
     family = "paligemma"
     decoder_layer_names = ("GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer")
     vision_layer_names = ("SiglipEncoderLayer",)
@@ -47,8 +50,9 @@ class PaliGemmaBackbone(VLMBackbone):
             prefix_lm = config.get("affordvla_prefix_lm", True)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         # weights of another family would load with their missing tensors initialised at random: refused
-        model, info = PaliGemmaForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, output_loading_info=True, **kwargs)
+        # with output_loading_info the call returns (model, info), which its annotation leaves out
+        model, info = cast(Any, PaliGemmaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **kwargs))
         check_loading_info(info, path, f"PaliGemma layout of {Path(path) / 'config.json'}")
         processor = AutoProcessor.from_pretrained(path)
         return cls(model, processor, str(path), prefix_lm=prefix_lm)
