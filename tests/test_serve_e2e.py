@@ -12,17 +12,49 @@ import io
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
-from serve_helpers import KEY, served, tiny_exports  # noqa: F401  (session fixtures)
+from serve_helpers import KEY, LIMITS, ServerProcess, free_port, serve_command, server_env, train_export
 
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.offline.tabletop import make_scenes
 from affordvla.policies import load_policy
 from affordvla.serve import PolicyClient
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory, tiny_backbone_dir) -> dict[str, Path]:
+    """A keypoint-text policy (the default's head, smoke data at 64 px) and an LSTM action policy, each trained a
+    few steps and exported by affordvla-train; `samples` is the keypoint run's toy KALIE data."""
+    kp, kp_cfg = train_export(tmp_path_factory.mktemp("serve_kp"), tiny_backbone_dir,
+                              ["debug=smoke", "dataset.generate.image_size=64"])
+    lstm, _ = train_export(tmp_path_factory.mktemp("serve_lstm"), tiny_backbone_dir,
+                           ["experiment=toy_actions_lstm", "dataset.generate.train_episodes=2",
+                            "dataset.generate.val_episodes=1", "dataset.generate.episode_length=8",
+                            "dataset.batch_size=4", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                            "head.hidden_size=16"])
+    return {"kp": kp, "lstm": lstm, "samples": Path(kp_cfg.dataset.root)}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_exports) -> ServerProcess:
+    """affordvla-serve on both exports, as a user starts it: batching on (up to 16 requests wait at most 0.5 s to
+    share a forward pass), an API key, the demo with the keypoint run's test split, small request limits."""
+    root = tmp_path_factory.mktemp("served")
+    port = free_port()
+    overrides = ["accelerator=cpu", "max_batch_size=16", "batch_timeout=0.5",
+                 f"demo.samples={tiny_exports['samples']}", *[f"limits.{k}={v}" for k, v in LIMITS.items()]]
+    server = ServerProcess(serve_command({"kp": tiny_exports["kp"], "lstm": tiny_exports["lstm"]}, port, overrides),
+                           port, root / "server.log", env=server_env(root, AFFORDVLA_SERVE_API_KEY=KEY))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
