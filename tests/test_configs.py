@@ -54,10 +54,13 @@ def test_every_option_composes(group, option, tmp_path):
     with open_dict(job):
         del job["hydra"]
     resolved = OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
-    action = (group == "module" and option == "action_policy") or (group == "head" and option in ACTION_HEADS) or (
-        group == "experiment" and option.startswith("toy_actions"))
+    language = (group == "module" and option == "language_actions") or (
+        group == "experiment" and option in ("toy_actions_discrete", "toy_actions_text_actions"))
+    action = language or (group == "module" and option == "action_policy") or (
+        group == "head" and option in ACTION_HEADS) or (group == "experiment" and option.startswith("toy_actions"))
+    expected = "affordvla.policies.actions." + ("LanguageActionModule" if language else "ContinuousActionModule")
     keypoints = "affordvla.policies.keypoints.KeypointPolicyModule"
-    expected = "affordvla.policy_module.ActionPolicyModule" if group != "head" else keypoints
+    expected = expected if group != "head" else keypoints
     if group == "module" and option == "keypoint_regression":
         expected, action = keypoints, True
     assert resolved["module"]["_target_"] == (expected if action else keypoints)

@@ -200,19 +200,20 @@ def test_five_dataset_mixture_trains_at_smoke_scale(tmp_path):
     assert sorted(p.name.split("_train")[0][4:] for p in caches) == sorted(FIVE)
 
 
-def test_policy_runner_of_a_mixture_needs_its_unnorm_key():
+def test_a_session_of_a_mixture_policy_needs_its_unnorm_key():
     from types import SimpleNamespace
 
     from affordvla.heads.action_normalization import ActionNormalizer
-    from affordvla.rollout import PolicyRunner
+    from affordvla.policies.actions import ActionPolicyModuleBase
 
     bounds = {"q01": [-1.0] * 7, "q99": [1.0] * 7}
     normalizer = ActionNormalizer(7, "identity", gripper_low=0.0,
                                   datasets={"bridge_orig": bounds, "fractal20220817_data": bounds})
     with pytest.raises(ValueError, match=r"give unnorm_key, one of \['bridge_orig', 'fractal20220817_data'\]"):
-        PolicyRunner(SimpleNamespace(normalizer=normalizer))
+        # what a session (and a batched predict) checks before its first step
+        ActionPolicyModuleBase.check_ready(SimpleNamespace(normalizer=normalizer))
     with pytest.raises(ValueError, match=r"unnorm_key 'kuka' is not among"):
-        PolicyRunner(SimpleNamespace(normalizer=normalizer), unnorm_key="kuka")
+        ActionPolicyModuleBase.check_ready(SimpleNamespace(normalizer=normalizer), unnorm_key="kuka")
     # a hand-worked inverse: [-1, 1] -> [q01, q99] = [0, 0.2]; the gripper stays binary
     single = ActionNormalizer(3, "identity", gripper_low=0.0,
                               datasets={"kuka": {"q01": [0.0, 0.0, 0], "q99": [0.2, 0.4, 1]}})

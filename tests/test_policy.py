@@ -24,8 +24,13 @@ from affordvla.heads.language_actions import (
 )
 from affordvla.heads.policy_heads import HEADS, policy_loss
 from affordvla.offline.toy_actions import generate_toy_calvin, scripted_action
-from affordvla.policy_module import ActionPolicyModule
-from affordvla.rollout import PolicyRunner
+from affordvla.policies import load_policy
+from affordvla.policies.actions import (
+    ActionPolicyModuleBase,
+    ActionSession,
+    ContinuousActionModule,
+    LanguageActionModule,
+)
 
 TOY = {"train_episodes": 4, "val_episodes": 2, "episode_length": 12, "distractors": 1, "seed": 0}
 
@@ -45,13 +50,18 @@ def _datamodule(root, window: int, chunk: int = 3) -> ActionWindowDataModule:
     return dm
 
 
-def _module(backbone_dir, dm, head, **kwargs) -> ActionPolicyModule:
+def _module(backbone_dir, dm, head, **kwargs) -> ActionPolicyModuleBase:
     torch.manual_seed(0)
     backbone = load_backbone("paligemma", str(backbone_dir), prefix_lm=False)
-    module = ActionPolicyModule(backbone, head, optimizer=functools.partial(torch.optim.AdamW, lr=2e-3),
-                                normalization={"mode": "bounds"}, **kwargs)
+    kind = LanguageActionModule if isinstance(head, (DiscreteActionHead, TextActionHead)) else ContinuousActionModule
+    module = kind(backbone, head, optimizer=functools.partial(torch.optim.AdamW, lr=2e-3),
+                  normalization={"mode": "bounds"}, **kwargs)
     module.configure_from_metadata(dm.metadata())
     return module
+
+
+def _observation(frame, instruction: str) -> dict:
+    return {"image": frame, "instruction": instruction}
 
 
 def _batch(dm, indices=(0, 12, 24, 36)):  # the first frames of four episodes: far apart on the table
@@ -137,12 +147,12 @@ def test_stepwise_inference_equals_the_batched_forward(name, formulation, toy_ro
     with torch.no_grad():
         arm, gripper = module.continuous_outputs(collate_action_windows([sample]))
     batched = module.normalizer.denormalize(arm[0], gripper[0] > 0).numpy()  # (T, n, D)
-    runner = PolicyRunner(module)
+    session = ActionSession(module)
     for t in range(3):
-        chunk = runner.predict_chunk(sample.images["rgb_static"][t], sample.instruction)
+        chunk = session.act(_observation(sample.images["rgb_static"][t], sample.instruction)).actions
         np.testing.assert_allclose(chunk, batched[t], atol=2e-5)
-    runner.reset()  # a new episode starts from an empty history
-    np.testing.assert_allclose(runner.predict_chunk(sample.images["rgb_static"][0], sample.instruction),
+    session.reset()  # a new episode starts from an empty history
+    np.testing.assert_allclose(session.act(_observation(sample.images["rgb_static"][0], sample.instruction)).actions,
                                batched[0], atol=2e-5)
 
 
@@ -154,8 +164,8 @@ def test_lstm_keeps_a_window_of_history_beyond_the_window(toy_root, tiny_backbon
     module.eval()
     frames = np.concatenate([dm.splits["train"][0].images["rgb_static"], dm.splits["train"][2].images["rgb_static"]])
     instruction = dm.splits["train"][0].instruction
-    runner = PolicyRunner(module)
-    chunks = [runner.predict_chunk(f, instruction) for f in frames[:3]]
+    session = ActionSession(module)
+    chunks = [session.act(_observation(f, instruction)).actions for f in frames[:3]]
     window = {"images": {"rgb_static": torch.from_numpy(frames[1:3][None])}, "instructions": [instruction]}
     with torch.no_grad():
         arm, gripper = module.continuous_outputs(window)
@@ -167,13 +177,12 @@ def test_ensemble_execution_averages_overlapping_chunks(toy_root, tiny_backbone_
     dm = _datamodule(toy_root, window=2)
     module = _module(tiny_backbone_dir, dm, functools.partial(HEADS["mlp"], hidden_size=32))
     sample = dm.splits["train"][0]
-    first, ensemble = PolicyRunner(module, "first"), PolicyRunner(module, "ensemble", ensemble_decay=0.5)
-    plain = PolicyRunner(module, "first")
-    chunks = [plain.predict_chunk(f, sample.instruction) for f in sample.images["rgb_static"]]
     observations = [{"image": f, "instruction": sample.instruction} for f in sample.images["rgb_static"]]
-    np.testing.assert_allclose(first.act(observations[0]), chunks[0][0], atol=1e-6)
+    chunks = [step.actions for step in map(ActionSession(module, "first").act, observations)]
+    np.testing.assert_allclose(ActionSession(module, "first").act(observations[0]).executed, chunks[0][0], atol=1e-6)
+    ensemble = ActionSession(module, "ensemble", ensemble_decay=0.5)
     ensemble.act(observations[0])
-    action = ensemble.act(observations[1])
+    action = ensemble.act(observations[1]).executed
     weights = np.exp(-0.5 * np.arange(2))  # the older chunk first
     expected = (weights[0] * chunks[0][1] + weights[1] * chunks[1][0]) / weights.sum()
     np.testing.assert_allclose(action[:-1], expected[:-1], atol=1e-5)
@@ -181,18 +190,13 @@ def test_ensemble_execution_averages_overlapping_chunks(toy_root, tiny_backbone_
 
 
 def test_export_round_trip_gives_identical_actions(toy_root, tiny_backbone_dir, tmp_path):
-    from affordvla.backbones.finetuning import export_backbone
-
     dm = _datamodule(toy_root, window=2)
     factory = functools.partial(HEADS["gpt"], hidden_size=32)
     module = _module(tiny_backbone_dir, dm, factory)
     with torch.no_grad():
         module.action_token.normal_()  # not the zero init, so a lost token would show
-    export_backbone(module.backbone, tmp_path)
-    module.export_policy(tmp_path)
-    reloaded = ActionPolicyModule(load_backbone("paligemma", str(tmp_path)), factory, optimizer=None,
-                                  normalization={"mode": "clip"})  # the export's own settings win
-    reloaded.load_exported_head(tmp_path)
+    module.export(tmp_path)
+    reloaded = load_policy(tmp_path).module
     assert reloaded.normalizer.to_dict() == module.normalizer.to_dict()
     batch = _batch(dm)
     module.eval(), reloaded.eval()
@@ -204,7 +208,7 @@ def test_export_round_trip_gives_identical_actions(toy_root, tiny_backbone_dir, 
 # --- learning ------------------------------------------------------------------------------------------------
 
 
-def _assert_loss_falls_20x(name: str, module: ActionPolicyModule, batch, steps: int) -> None:
+def _assert_loss_falls_20x(name: str, module: ActionPolicyModuleBase, batch, steps: int) -> None:
     optimizer = module.configure_optimizers()
     losses = []
     for _ in range(steps):
@@ -251,7 +255,7 @@ def test_action_tokens_are_an_explicit_range_after_every_token(toy_root, tiny_ba
     vocab_before = dict(backbone.tokenizer.get_vocab())
     specials_before = set(backbone.tokenizer.all_special_ids)
     head = DiscreteActionHead(bins=256)
-    module = ActionPolicyModule(backbone, head, optimizer=None, normalization={"mode": "bounds"})
+    module = LanguageActionModule(backbone, head, optimizer=None, normalization={"mode": "bounds"})
     module.configure_from_metadata(dm.metadata())
     ids = head.action_tokens.ids.tolist()
     assert ids == list(range(len(vocab_before), len(vocab_before) + 256))
@@ -337,7 +341,7 @@ def test_action_experiment_trains_and_exports(experiment, tmp_path, tiny_backbon
         assert np.isfinite(metrics[name]), name
     export = tmp_path / "run" / "model"
     config = json.loads((export / "policy.json").read_text())
-    assert config["dataset_metadata"]["action_dim"] == 7 and config["normalizer"]["mode"] == "bounds"
+    assert config["dataset_metadata"]["action_dim"] == 7 and config["head"]["normalizer"]["mode"] == "bounds"
 
 
 def test_text_action_predict_keeps_the_previous_gripper_on_a_failed_parse():

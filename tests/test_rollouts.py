@@ -246,7 +246,7 @@ def trained_run(tmp_path_factory, tiny_backbone_dir):
 
     root = tmp_path_factory.mktemp("rollout_run")
     overrides = ["experiment=toy_actions_mlp", f"paths.root_dir={root}", f"backbone.pretrained={tiny_backbone_dir}",
-                 "backbone.build=null", "callbacks.progress_bar.refresh_rate=0", "callbacks.action_traces=null",
+                 "backbone.build=null", "callbacks.progress_bar.refresh_rate=0", "module.callbacks.action_traces=null",
                  "dataset.generate.train_episodes=2", "dataset.generate.val_episodes=1",
                  "dataset.generate.episode_length=8", "dataset.batch_size=4", "trainer.max_steps=2",
                  "trainer.val_check_interval=2", "head.hidden_size=16"]
@@ -298,7 +298,7 @@ def test_rollout_cli_from_an_export_dir_is_seeded(trained_run, tmp_path, capsys)
     assert set(first) == {"rollout/success_rate", "rollout/episodes", "rollout/mean_steps"}
     # the export carries its head settings: moved away from its run's config, it loads and acts the same
     moved = shutil.copytree(trained_run["export"], tmp_path / "moved" / "model")
-    assert json.loads((moved / "policy.json").read_text())["head"]["_target_"].endswith(".MLPHead")
+    assert json.loads((moved / "policy.json").read_text())["head"]["class"] == "mlp"
     assert main([*args[:2], str(moved), *args[3:]]) == 0
     assert json.loads(capsys.readouterr().out) == first
     # the errors a user can make, each with its message

@@ -197,60 +197,48 @@ def evaluate_kalie_predictions(predictions: str | Path, labels: str | Path, form
                              source=str(labels))
 
 
-def load_policy(model_dir: str | Path, config: Any = None, execution: str = "first"):
-    """A `PolicyRunner` over an exported policy (`export_policy` beside the exported backbone). The head's
-    settings come from the training run's resolved config when `config` names it, else from the export itself
-    (affordvla-train records them there), else from `config_resolved.yaml` beside an older export."""
-    from hydra.utils import instantiate
+def load_action_policy(model_dir: str | Path, config: Any = None):
+    """The exported action policy in `model_dir` (`load_policy`). `config` (the training run's resolved config:
+    a path, or the config a run logged) rebuilds the head of an export written before policy.json recorded it."""
     from omegaconf import DictConfig, OmegaConf
 
-    from affordvla.backbones.factory import load_backbone
-    from affordvla.policy_module import POLICY_CONFIG, ActionPolicyModule
-    from affordvla.rollout import PolicyRunner
+    from affordvla.policies import load_policy, read_policy_record
 
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: no such model folder (an exported policy: <run>/model)")
-    if not (model_dir / POLICY_CONFIG).is_file():
-        raise ValueError(f"{model_dir} has no {POLICY_CONFIG}: not an exported policy "
-                         "(train with module=action_policy)")
-    policy = json.loads((model_dir / POLICY_CONFIG).read_text())
-    if config is None and "head" in policy:
-        head_config, prefix_lm = OmegaConf.create(policy["head"]), policy.get("prefix_lm")
-    else:
-        if not isinstance(config, DictConfig):  # a run's config read from its store is passed as it is
-            config = Path(config) if config else model_dir.parent / "config_resolved.yaml"
-            if not config.is_file():
-                raise FileNotFoundError(f"{config}: the training run's resolved config is needed to rebuild the "
-                                        "head (pass --config, or --run-id)")
-        cfg = config if isinstance(config, DictConfig) else OmegaConf.load(config)
-        head_config, prefix_lm = cfg.head, cfg.backbone.get("prefix_lm")
-    extra = {"prefix_lm": prefix_lm} if prefix_lm is not None else {}
-    backbone = load_backbone(_family(model_dir), str(model_dir), **extra)
-    module = ActionPolicyModule(backbone, instantiate(head_config), optimizer=None, formulation=policy["formulation"],
-                                latent_tokens=policy["latent_tokens"])
-    module.load_exported_head(model_dir)
-    return PolicyRunner(module, execution=execution)
+    record = read_policy_record(model_dir)
+    if record["kind"] != "actions":
+        raise ValueError(f"{model_dir} holds a {record['kind']} policy: rollouts need an action policy "
+                         "(module=action_policy or module=language_actions)")
+    if config is None or record["format_version"] != 0:
+        return load_policy(model_dir)
+    from affordvla.policies.actions import load
+
+    if not isinstance(config, DictConfig):  # a run's config read from its store is passed as it is
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"--config {config}: no such file (the training run's config_resolved.yaml)")
+        config = OmegaConf.load(config)
+    return load(model_dir, record, run_config=config)
 
 
 class _CameraChecked:
-    """The runner, checking the first observation it gets against the cameras the policy was trained on."""
+    """A session acting for a rollout (the executed action), checking the first observation it gets against the
+    cameras the policy was trained on."""
 
-    def __init__(self, runner, strict_size: bool):
-        self.runner, self.strict_size, self.checked = runner, strict_size, False
+    def __init__(self, policy, execution: str, strict_size: bool):
+        self.policy, self.session = policy, policy.session(execution=execution)
+        self.strict_size, self.checked = strict_size, False
 
     def reset(self) -> None:
-        self.runner.reset()
+        self.session.reset()
 
     def act(self, observation: dict[str, Any]) -> np.ndarray:
         if not self.checked:
             from affordvla.evaluation.rollouts import check_cameras
 
-            module = self.runner.module
-            cameras = module.dataset_metadata.get("cameras") or {}
-            check_cameras(cameras if self.strict_size else {}, module.camera, observation)
+            cameras = self.policy.module.dataset_metadata.get("cameras") or {}
+            check_cameras(cameras if self.strict_size else {}, self.policy.camera, observation)
             self.checked = True
-        return self.runner.act(observation)
+        return self.session.act(observation).executed
 
 
 def evaluate_rollout(model_dir: str | Path, env_name: str, *, episodes: int = 0, chains: int = 0,
@@ -270,19 +258,19 @@ def evaluate_rollout(model_dir: str | Path, env_name: str, *, episodes: int = 0,
         raise ValueError(f"unknown environment {env_name!r}; valid: {list(ENVIRONMENTS)}")
     if episodes < 0 or chains < 0 or episodes + chains == 0:
         raise ValueError("rollout needs --episodes N and/or --chains N (N > 0)")
-    runner = load_policy(model_dir, config=config, execution=execution)
-    module = runner.module
-    env = make_env(env_name, policy_camera=module.camera, data=data, task=task,
-                   camera_size=(module.dataset_metadata.get("cameras") or {}).get(module.camera))
-    agent = _CameraChecked(runner, strict_size=env_name == "toy")  # the toy world renders the trained sizes
+    policy = load_action_policy(model_dir, config=config)
+    camera = policy.camera
+    env = make_env(env_name, policy_camera=camera, data=data, task=task,
+                   camera_size=(policy.module.dataset_metadata.get("cameras") or {}).get(camera))
+    agent = _CameraChecked(policy, execution, strict_size=env_name == "toy")  # the toy world renders trained sizes
     steps = max_steps or DEFAULT_MAX_STEPS[env_name]
     try:
         with torch.inference_mode():
             report = run_episodes(agent, env, episodes, steps, seed, progress=progress, frames_dir=frames_dir,
-                                  camera=module.camera) if episodes else None
+                                  camera=camera) if episodes else None
             if chains:
                 report = run_chains(agent, env, chains, steps, seed, subtasks, progress=progress,
-                                    frames_dir=frames_dir, camera=module.camera, report=report)
+                                    frames_dir=frames_dir, camera=camera, report=report)
     finally:
         if hasattr(env, "close"):
             env.close()
@@ -342,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--model", help="an exported policy directory (<run>/model)")
     rollout.add_argument("--run-id", help="an affordvla-train MLflow run: its exported policy and config")
     rollout.add_argument("--tracking-uri", help="the store holding --run-id (default: as affordvla-train writes)")
-    rollout.add_argument("--config", help="the run's config_resolved.yaml (default: the head settings the export "
-                         "records, or the config beside an older export)")
+    rollout.add_argument("--config", help="the run's config_resolved.yaml, for an export older than policy.json's "
+                         "format_version (default: the config beside it)")
     rollout.add_argument("--env", required=True, choices=("toy", "calvin", "rlbench", "simpler"))
     rollout.add_argument("--episodes", type=int, default=0, help="single-task episodes (success rate)")
     rollout.add_argument("--chains", type=int, default=0, help="CALVIN-style chains of --subtasks (1..5 in a row)")

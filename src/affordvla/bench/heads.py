@@ -1,5 +1,5 @@
 """Action heads on the toy action data: each head's action MSE next to the mean baseline measured on the same
-validation frames, and step-wise inference speed of the exported policy (`act()` per second on CPU).
+validation frames, and step-wise inference speed of the exported policy (a session's `act()` per second on CPU).
 
 Every head trains through the real entrypoint (`affordvla-train experiment=toy_actions_<head>`) on the tiny
 pretrained backbone, so the figures are what a user gets from those commands.
@@ -29,30 +29,25 @@ def _train(head: str) -> Path:
 def _steps_per_second(run_dir: Path, head: str, steps: int = 40) -> float:
     """Rebuild the exported policy from its files and time `act()` over the frames of validation episodes."""
     import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from affordvla.backbones.factory import load_backbone
     from affordvla.data.calvin import CalvinWindowDataset
-    from affordvla.policy_module import ActionPolicyModule
-    from affordvla.rollout import PolicyRunner
+    from affordvla.policies import load_policy
 
     cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
-    export = run_dir / "model"
-    module = ActionPolicyModule(load_backbone("paligemma", str(export)), instantiate(cfg.head), optimizer=None,
-                                formulation=cfg.module.formulation)
-    module.load_exported_head(export)
-    runner = PolicyRunner(module)
-    frames = CalvinWindowDataset(Path(cfg.dataset.root) / "validation", 1, 1, cameras=(module.camera,))
-    observations = [{"image": frames[i].images[module.camera][0], "instruction": frames[i].instruction,
+    policy = load_policy(run_dir / "model")
+    session = policy.session()
+    camera = policy.camera
+    frames = CalvinWindowDataset(Path(cfg.dataset.root) / "validation", 1, 1, cameras=(camera,))
+    observations = [{"image": frames[i].images[camera][0], "instruction": frames[i].instruction,
                      "state": frames[i].state[0]} for i in range(steps + 5)]
     with torch.inference_mode():
         for observation in observations[:5]:  # warm-up
-            runner.act(observation)
-        runner.reset()
+            session.act(observation)
+        session.reset()
         started = time.perf_counter()
         for observation in observations[5:]:
-            runner.act(observation)
+            session.act(observation)
     return steps / (time.perf_counter() - started)
 
 

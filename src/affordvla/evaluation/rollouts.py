@@ -1,10 +1,11 @@
-"""Closed-loop evaluation: an agent (`reset()`, `act(observation) -> action`, e.g. `affordvla.rollout.PolicyRunner`)
-acting in an environment adapter until success or a step limit.
+"""Closed-loop evaluation: an agent (`reset()`, `act(observation) -> action`; affordvla-eval wraps an action
+policy's session, whose step's `executed` is the action) acting in an environment adapter until success or a step
+limit.
 
 An environment adapter has `reset(seed) -> observation` and `step(action) -> (observation, done, info)` with
 `info["success"]`; one that `supports_chains` also has `reset_chain(seed, subtasks)` and `advance()` (the next
 subtask's observation after a success, None after the last). Observations are
-`{"images": {camera: HxWx3 uint8}, "instruction": str, "state": optional}`, what `PolicyRunner.act` takes. The
+`{"images": {camera: HxWx3 uint8}, "instruction": str, "state": optional}`, what a session's `act` takes. The
 toy simulator (toy_env.py) and the simulator adapters (simulators.py) follow it.
 
 Episodes give a success rate; chains follow CALVIN's protocol: the scene is

@@ -1,7 +1,7 @@
 """A closed-loop simulator of the toy action world (offline/toy_actions.py): the same scenes, rendering and
 gripper dynamics, stepped by a policy instead of the scripted expert.
 
-Observations are what `PolicyRunner.act` takes and what the policy was trained on: both CALVIN cameras
+Observations are what a session's `act` takes and what the policy was trained on: both CALVIN cameras
 (`rgb_static` 200x200, `rgb_gripper` 84x84), the instruction ("pick up the red block") and `robot_obs` as the
 state. `reset(seed)` draws the scene exactly as `generate_episode(np.random.default_rng(seed), ...)` does, so the
 expert's actions replay that episode's frames (tests/test_rollouts.py).
