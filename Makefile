@@ -9,7 +9,7 @@ BENCH ?=
 PYTEST_ARGS ?=
 LOCAL_TORCH ?= 2.13.0
 
-.PHONY: setup train test test-fast lint bench clean-outputs
+.PHONY: setup browser train test test-fast lint bench clean-outputs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The demo's browser test drives Debian's Chromium through Playwright (never `playwright install`): install it
+# when it is missing and apt-get can (as root, non-interactive); elsewhere that test says why it skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+		|| echo "chromium is not installed and cannot be here (needs root and apt-get): the browser test will skip"
 
 train: setup
 	$(VENV)/bin/affordvla-train $(ARGS)

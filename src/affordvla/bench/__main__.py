@@ -108,6 +108,12 @@ def bench_backbones() -> dict[str, float]:
     return backbones.run()
 
 
+def bench_serve() -> dict[str, float]:
+    from affordvla.bench import serve
+
+    return serve.run()
+
+
 def bench_reliability() -> dict[str, float]:
     from affordvla.bench import reliability
 
@@ -117,7 +123,7 @@ def bench_reliability() -> dict[str, float]:
 BENCHMARKS = {"default": bench_default, "train_step": bench_train_step, "data": bench_data,
               "synthesis": bench_synthesis, "heads": bench_heads, "backbones": bench_backbones,
               "backbone_learning": bench_backbone_learning, "gpu_throughput": bench_gpu_throughput,
-              "reliability": bench_reliability}
+              "reliability": bench_reliability, "serve": bench_serve}
 
 
 def main(argv: list[str] | None = None) -> None:
