@@ -106,10 +106,10 @@ def smoke_overrides(tmp_path, tiny_backbone_dir) -> list[str]:
 
 def keypoint_head_and_batch(backbone, codec: str = "robopoint"):
     """A keypoint-text head bound to `backbone` and a fixed batch of four generated scenes (seed 5, 32 px)."""
-    from affordvla.offline.tabletop import make_scenes
     from affordvla.formats.kalie_tasks import TASKS
     from affordvla.formats.sample import KeypointSample
     from affordvla.heads.keypoint_text import KeypointTextHead
+    from affordvla.offline.tabletop import make_scenes
     from affordvla.policies.keypoints import KeypointBatchCollator
 
     head = KeypointTextHead(codec=codec)

@@ -18,8 +18,8 @@ from affordvla.backbones.cogvlm.configuration import (
 )
 from affordvla.backbones.cogvlm.modeling import build_position_ids, vision_expert_mask
 from affordvla.backbones.cogvlm.processing import CLIP_MEAN, CLIP_STD
-from affordvla.offline.tiny_cogvlm import write_tiny_cogvlm
 from affordvla.backbones.factory import load_backbone
+from affordvla.offline.tiny_cogvlm import write_tiny_cogvlm
 
 PATCHES = 16  # (32 / 8)^2
 IMAGE_RUN = PATCHES + 2  # boi, patches, eoi

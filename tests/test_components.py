@@ -15,6 +15,7 @@ from affordvla.checkpointing import load_state_dict, save_state_dict
 from affordvla.data.sampling import StepResumableSampler
 from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_text import KeypointTextHead
+from affordvla.metrics.keypoints import UNPARSED_L2, KeypointEvaluator
 from affordvla.offline.tiny_llava import write_tiny_llava
 from affordvla.offline.tiny_paligemma import (
     LOC_TOKENS,
@@ -22,7 +23,6 @@ from affordvla.offline.tiny_paligemma import (
     build_tokenizer,
     sincos_2d,
 )
-from affordvla.metrics.keypoints import UNPARSED_L2, KeypointEvaluator
 from affordvla.optim import warmup_cosine
 
 
@@ -53,7 +53,8 @@ def test_sincos_2d_is_row_major_and_distinguishes_every_patch():
 
 def test_build_inputs_layout(backbone):
     tok = backbone.tokenizer
-    inputs = backbone.build_inputs(["Close the drawer.", "Hang the cloth on the rack."], ["<loc0001><loc0002>", "<loc0003>"])
+    inputs = backbone.build_inputs(["Close the drawer.", "Hang the cloth on the rack."],
+                                   ["<loc0001><loc0002>", "<loc0003>"])
     ids, mask, types, labels, positions = (inputs[k] for k in
                                            ("input_ids", "attention_mask", "token_type_ids", "labels", "position_ids"))
     n_image = backbone.image_seq_length

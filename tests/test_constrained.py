@@ -12,10 +12,6 @@ import torch
 from omegaconf import OmegaConf
 
 from affordvla.backbones.factory import load_backbone
-from affordvla.offline.tiny_llava import build_tokenizer as llama_tokenizer
-from affordvla.offline.tiny_llava import write_tiny_llava
-from affordvla.offline.tiny_paligemma import build_tokenizer as gemma_tokenizer
-from affordvla.offline.tiny_paligemma import write_tiny_paligemma
 from affordvla.formats.codecs import KalieJsonCodec, PaliGemmaLocCodec, RoboPointTupleCodec, make_codec
 from affordvla.formats.sample import KeypointSample
 from affordvla.heads.constrained import (
@@ -26,6 +22,10 @@ from affordvla.heads.constrained import (
 )
 from affordvla.heads.keypoint_text import KeypointTextHead
 from affordvla.offline.tiny_cogvlm import write_tiny_cogvlm
+from affordvla.offline.tiny_llava import build_tokenizer as llama_tokenizer
+from affordvla.offline.tiny_llava import write_tiny_llava
+from affordvla.offline.tiny_paligemma import build_tokenizer as gemma_tokenizer
+from affordvla.offline.tiny_paligemma import write_tiny_paligemma
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 

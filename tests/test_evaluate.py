@@ -58,7 +58,8 @@ def test_where2place_and_calvin_commands(tmp_path, capsys):
     (tmp_path / "answers.jsonl").write_text(json.dumps({"question_id": 0, "text": "[(0.39, 0.31)]"}) + "\n")
     assert main(["where2place", "--data", str(tmp_path / "w2p"), "--answers", str(tmp_path / "answers.jsonl")]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["where2place_score"] == pytest.approx(100.0, abs=1) and out["where2place_unseen"] == out["where2place_score"]
+    assert out["where2place_score"] == pytest.approx(100.0, abs=1)
+    assert out["where2place_unseen"] == out["where2place_score"]
     (tmp_path / "results.json").write_text(json.dumps([5, 3, 0, 4]))
     assert main(["calvin", "--results", str(tmp_path / "results.json")]) == 0
     assert json.loads(capsys.readouterr().out)["avg_len"] == 3.0

@@ -11,10 +11,10 @@ import torch
 from conftest import assert_learned, fell_by
 
 from affordvla.backbones.factory import load_backbone
-from affordvla.offline.tabletop import make_scenes
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_regression import KeypointRegressionHead
+from affordvla.offline.tabletop import make_scenes
 from affordvla.policies.base import PolicyFormatError, read_head_state
 from affordvla.policies.keypoints import KeypointPolicyModule
 

@@ -217,8 +217,8 @@ def test_each_shipped_checkpoint_points_at_objects_it_has_never_seen(family):
     its own format on fresh scenes (a seed stream no build used) about as well as its build recorded on its
     held-out scenes (0.046 for PaliGemma)."""
 
-    from affordvla.offline.tabletop import make_scenes
     from affordvla.formats.codecs import make_codec
+    from affordvla.offline.tabletop import make_scenes
     from affordvla.pretraining.pointing import NATIVE_CODECS, RECORD_FILE, SHIPPED_DIR, _pixels, object_centres
 
     (shipped,) = [path for path in SHIPPED_DIR.iterdir() if path.name.startswith(f"{family}-tiny-")]

@@ -17,10 +17,10 @@ from hydra.utils import instantiate
 from safetensors.torch import save_file
 
 from affordvla.data.kalie_augment import centre_crop
+from affordvla.evaluate import keypoint_settings
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
 from affordvla.offline.tabletop import make_scenes
-from affordvla.evaluate import keypoint_settings
 from affordvla.policies.base import (
     POLICY_FILE,
     KeypointPrediction,

@@ -173,7 +173,8 @@ def test_robopoint_experiment_trains_on_the_fixture(robopoint_root, tmp_path):
 
     overrides = ["experiment=robopoint_llava_tiny", f"dataset.root={robopoint_root}", f"paths.root_dir={tmp_path}",
                  "backbone.build.image_size=32", "backbone.build.patch_size=8", "backbone.build.hidden_size=32",
-                 "backbone.build.vision_layers=2", "backbone.build.text_layers=2", *FAST_POINTING_BUILD, "dataset.num_workers=0",
+                 "backbone.build.vision_layers=2", "backbone.build.text_layers=2", *FAST_POINTING_BUILD,
+                 "dataset.num_workers=0",
                  "dataset.batch_size=2", "dataset.eval_batch_size=4", "head.max_new_tokens=40", "logger=none",
                  "callbacks.progress_bar.refresh_rate=0", "trainer.max_steps=3", "trainer.val_check_interval=3",
                  "callbacks.model_checkpoint.every_n_train_steps=3"]

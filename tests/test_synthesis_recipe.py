@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from affordvla.data.kalie import KalieFormatError, load_kalie_sample, read_kalie_index
-from affordvla.offline.toy_kalie import ensure_toy_kalie
 from affordvla.formats.sample import KALIE_POINT_NAMES
+from affordvla.offline.toy_kalie import ensure_toy_kalie
 from affordvla.synthesis.annotators import make_annotator
 from affordvla.synthesis.compositing import CompositingBackend
 from affordvla.synthesis.dataset_masks import DatasetMasks

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from affordvla.data.kalie import load_kalie_sample, read_kalie_index
-from affordvla.offline.tabletop import make_scene
-from affordvla.offline.toy_kalie import ensure_toy_kalie
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.formats.sample import KALIE_POINT_NAMES
 from affordvla.locking import ForeignContentError
+from affordvla.offline.tabletop import make_scene
+from affordvla.offline.toy_kalie import ensure_toy_kalie
 
 SPLITS = {"train": 10, "val": 3, "test": 5}
 

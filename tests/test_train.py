@@ -162,9 +162,9 @@ def test_malformed_dataset_stops_with_file_and_entry(tmp_path, smoke_overrides, 
 def test_a_kalie_dataset_on_disk_trains_with_kalies_augmentation(tmp_path, tiny_backbone_dir):
     """`dataset=kalie` on a folder in KALIE's JSON layout: augmented crops for training, centre crops for test."""
     from affordvla.data.kalie import write_kalie_dataset
-    from affordvla.offline.tabletop import make_scenes
     from affordvla.formats.kalie_tasks import TASKS
     from affordvla.formats.sample import KALIE_POINT_NAMES
+    from affordvla.offline.tabletop import make_scenes
 
     items = [(s.image, {n: [round(v * 1000) for v in p] for n, p in zip(KALIE_POINT_NAMES, s.keypoints)},
               {"task": TASKS[s.task].instruction, "objects": list(TASKS[s.task].objects)})

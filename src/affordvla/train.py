@@ -28,8 +28,8 @@ from affordvla.distributed import (
     wants_backbone,
 )
 from affordvla.export import build_module, write_export
-from affordvla.policies import PolicyModule
 from affordvla.paths import CONFIG_DIR
+from affordvla.policies import PolicyModule
 from affordvla.preflight import check_run_config
 from affordvla.synthesis.pipeline import apply_synthesis
 from affordvla.tracking.run_record import (

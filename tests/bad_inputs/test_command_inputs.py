@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from .conftest import assert_clear_failure
 
 REPOSITORY = Path(__file__).resolve().parents[2]

@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from .conftest import assert_clear_failure
 from data_formats import truncate, write_calvin_split, write_kalie_folder, write_robopoint_folder
+
+from .conftest import assert_clear_failure
 
 
 def train(workspace, *overrides: str):

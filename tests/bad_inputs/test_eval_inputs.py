@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from .conftest import assert_clear_failure
 
 from affordvla.policies.keypoints.decoding import DECODING_RECORD
+
+from .conftest import assert_clear_failure
 
 
 def _store(workspace) -> Path:

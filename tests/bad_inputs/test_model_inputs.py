@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from .conftest import assert_clear_failure
 
 SMOKE_BACKBONE = {"seed": 0, "image_size": 32, "patch_size": 8, "hidden_size": 64, "vision_layers": 1,

@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from affordvla.backbones.paligemma.modeling import PaliGemmaBackbone
-from affordvla.offline.tabletop import make_scenes
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.formats.sample import KeypointSample
 from affordvla.heads.keypoint_text import KeypointTextHead
+from affordvla.offline.tabletop import make_scenes
 from affordvla.optim import warmup_cosine
 from affordvla.policies.base import answer_logits
 from affordvla.policies.keypoints import KeypointPolicyModule

@@ -15,9 +15,9 @@ import json
 import logging
 import sys
 
+from affordvla.cli import console_command
 from affordvla.data.kalie import ON_ERROR_CHOICES
 from affordvla.data.kalie_hdf5 import hdf5_to_json
-from affordvla.cli import console_command
 
 
 def build_parser() -> argparse.ArgumentParser:

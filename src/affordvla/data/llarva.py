@@ -51,7 +51,8 @@ def episode_records(episode: RLBenchEpisode, *, image_root: Path | None = None, 
     records = []
     relative = episode.path if image_root is None else episode.path.relative_to(image_root)
     for t in range(len(observations) - 1):
-        noisy = np.asarray(observations[t].joint_positions, dtype=np.float64)[:JOINTS] + rng.normal(0, NOISE_STD, JOINTS)
+        joints = np.asarray(observations[t].joint_positions, dtype=np.float64)[:JOINTS]
+        noisy = joints + rng.normal(0, NOISE_STD, JOINTS)
         history = history[1:] + [[round(float(v), 4) for v in noisy]]
         following = observations[t + 1]
         action = np.append(np.asarray(following.joint_velocities, dtype=np.float64)[:JOINTS], following.gripper_open)

@@ -18,8 +18,7 @@ from torch import nn
 
 from affordvla.backbones.base import VLMBackbone
 from affordvla.formats.kalie_tasks import TASKS, kalie_prompt
-from affordvla.formats.sample import numbered_point_names
-from affordvla.formats.sample import KeypointSample
+from affordvla.formats.sample import KeypointSample, numbered_point_names
 
 PROMPT_STYLES = ("instruction", "kalie")
 # predict's points per sample: a (K, 2) array of normalised (x, y), or None where an answer did not parse

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from affordvla.backbones.base import VLMBackbone
-from affordvla.formats.sample import numbered_point_names
-from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample
+from affordvla.formats.sample import KALIE_POINT_NAMES, KeypointSample, numbered_point_names
 from affordvla.heads.keypoint_head import PROMPT_STYLES, KeypointHead, Points
 
 LOSSES = ("l1", "mse")

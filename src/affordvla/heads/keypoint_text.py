@@ -10,9 +10,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from affordvla.backbones.base import IGNORE_INDEX, VLMBackbone, answer_logits
-from affordvla.formats.sample import numbered_point_names
-from affordvla.formats.sample import KeypointSample
 from affordvla.formats.codecs import KeypointCodec, make_codec
+from affordvla.formats.sample import KeypointSample, numbered_point_names
 from affordvla.heads.constrained import TokenConstraint, codec_automaton
 from affordvla.heads.keypoint_head import PROMPT_STYLES, KeypointHead
 from affordvla.heads.soft_targets import soft_bin_nll

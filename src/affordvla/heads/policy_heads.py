@@ -10,6 +10,7 @@ what the batched forward returns at that frame (tests/test_policy.py checks it).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,7 @@ class GPTHead(PolicyHead):
         return self._outputs(hidden)
 
 
-HEADS = {"mlp": MLPHead, "lstm": LSTMHead, "gpt": GPTHead}
+HEADS: dict[str, Callable[..., PolicyHead]] = {"mlp": MLPHead, "lstm": LSTMHead, "gpt": GPTHead}
 
 
 def policy_loss(arm: torch.Tensor, gripper_logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor,

@@ -240,7 +240,8 @@ def _pouring(canvas: _Canvas, rng, table, layout) -> np.ndarray:
     canvas.polygon(_place(_rect(handle_len, handle_w, -handle_len), scoop_c, angle), scoop_colour,
                    owner="scooper with small items in it")
     cup = _place([[scoop_r, 0.0]], scoop_c, angle)[0]
-    canvas.ellipse(cup, scoop_r, scoop_r * 0.85, angle, _shade(scoop_colour, 0.8), owner="scooper with small items in it")
+    canvas.ellipse(cup, scoop_r, scoop_r * 0.85, angle, _shade(scoop_colour, 0.8),
+                   owner="scooper with small items in it")
     item_colour = _colour(rng, scoop_colour, 80)
     for _ in range(int(rng.integers(3, 7))):
         offset = rng.uniform(-0.5, 0.5, 2) * scoop_r

@@ -24,10 +24,10 @@ from affordvla.data.kalie import (
     points_to_str_format,
     to_kalie_int,
 )
-from affordvla.offline.tabletop import make_scene
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.formats.sample import KALIE_POINT_NAMES
 from affordvla.locking import write_once
+from affordvla.offline.tabletop import make_scene
 
 log = logging.getLogger(__name__)
 

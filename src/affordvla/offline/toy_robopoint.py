@@ -35,9 +35,9 @@ from affordvla.data.robopoint import (
     write_conversations,
     write_where2place,
 )
-from affordvla.offline.tabletop import make_scene
 from affordvla.formats.kalie_tasks import TASKS
 from affordvla.locking import write_once
+from affordvla.offline.tabletop import make_scene
 
 log = logging.getLogger(__name__)
 GENERATOR = "affordvla.toy_robopoint/1"

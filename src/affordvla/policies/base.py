@@ -157,10 +157,12 @@ class Policy(abc.ABC):
         self.source = source
 
     @abc.abstractmethod
-    def predict(self, observations: Sequence[Observation | Mapping[str, Any]]) -> list[Prediction]: ...
+    def predict(self, observations: Sequence[Observation | Mapping[str, Any]]) -> Sequence[Prediction]:
+        """One prediction per observation; kinds may take further keyword options (e.g. `unnorm_key`)."""
 
     @abc.abstractmethod
-    def session(self, **options: Any) -> Session: ...
+    def session(self) -> Session:
+        """A closed-loop session; kinds may take options (e.g. an action policy's chunk execution)."""
 
     def info(self) -> dict[str, Any]:
         """What a client needs to know: kind, head, codec, action dimensions, normalisation, image size, source."""
@@ -269,7 +271,7 @@ class PolicyModule(L.LightningModule, abc.ABC):
 
     # --- inference ------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def predict_observations(self, observations: list[Observation]) -> list[Prediction]:
+    def predict_observations(self, observations: Sequence[Observation]) -> Sequence[Prediction]:
         """Batched, stateless prediction in the units a user reads (normalised points, dataset-unit actions)."""
 
     def describe(self) -> dict[str, Any]:

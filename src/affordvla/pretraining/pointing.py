@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from affordvla.offline.tabletop import Scene, make_scenes
 from affordvla.backbones.base import IGNORE_INDEX
 from affordvla.backbones.factory import FAMILIES
 from affordvla.formats.codecs import make_codec
 from affordvla.formats.kalie_tasks import TASKS
+from affordvla.offline.tabletop import Scene, make_scenes
 from affordvla.optim import warmup_cosine
 from affordvla.tracking.mlflow_setup import ensure_experiment
 

@@ -26,8 +26,8 @@ from PIL import Image
 from affordvla.data.kalie import (
     IMG_DIR,
     JSON_NAME,
-    SPLITS_FILE,
     MANIFEST,
+    SPLITS_FILE,
     STR_NAME,
     KalieFormatError,
     parse_points_string,

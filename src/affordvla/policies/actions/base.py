@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -20,8 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from affordvla.backbones.base import VLMBackbone
 from affordvla.data.action_datamodule import collate_action_windows
-from affordvla.metrics.actions import action_metrics
 from affordvla.heads.action_normalization import ActionNormalizer
+from affordvla.metrics.actions import action_metrics
 from affordvla.policies.base import ActionPrediction, Observation, PolicyModule
 
 # how many recent proprio states a session keeps for a prompt that quotes them
@@ -58,6 +58,8 @@ class ActionPolicyModuleBase(PolicyModule):
     head (`build_head`), its loss (`compute_loss`), the first actions of a batch for evaluation, and the step-wise
     inference a session runs (`step`)."""
 
+    normalizer: ActionNormalizer  # set by configure_from_metadata, before any step uses it
+
     kind = "actions"
     sample_kind = "action_window"
 
@@ -68,7 +70,7 @@ class ActionPolicyModuleBase(PolicyModule):
         super().__init__(backbone, optimizer, scheduler, part_lr, freeze, head_lr, callbacks)
         self.camera = camera
         self.normalization = dict(normalization or {"mode": "clip", "clip_bound": 0.65})
-        self.normalizer: ActionNormalizer | None = None
+        self.normalizer = None  # type: ignore[assignment]  # sized by configure_from_metadata
         # each split's (predicted, target, mask) first actions of each window's first frame, for the trace callback
         self.last_predictions: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._eval: dict[str, list] = {}
@@ -150,8 +152,8 @@ class ActionPolicyModuleBase(PolicyModule):
         predicted, target, mask = (np.concatenate(parts) for parts in zip(*self._eval.pop(split)))
         window = self.frames_per_window()
         # each window's first frame, in loader order: consecutive frames of the episodes, for the trace plots
-        self.last_predictions[split] = tuple(a.reshape(-1, window, *a.shape[1:])[:, 0]
-                                             for a in (predicted, target, mask))
+        first = [a.reshape(-1, window, *a.shape[1:])[:, 0] for a in (predicted, target, mask)]
+        self.last_predictions[split] = (first[0], first[1], first[2])
         threshold = (self.normalizer.gripper_low + 1) / 2
         metrics = action_metrics(predicted, target, mask, gripper_threshold=threshold)
         mean = self.dataset_metadata.get("action_statistics", {}).get("mean")
@@ -197,7 +199,7 @@ class ActionPolicyModuleBase(PolicyModule):
         return self.normalizer.unnormalize(torch.as_tensor(actions), unnorm_key).cpu().numpy()
 
     @torch.no_grad()
-    def predict_observations(self, observations: list[Observation], unnorm_key: str | None = None
+    def predict_observations(self, observations: Sequence[Observation], unnorm_key: str | None = None
                              ) -> list[ActionPrediction]:
         """Each observation's action chunk (n, D) in dataset units, from its frame alone (a window of one)."""
         self.check_ready(unnorm_key)
@@ -207,7 +209,7 @@ class ActionPolicyModuleBase(PolicyModule):
         return predictions
 
     @abc.abstractmethod
-    def predict_frames(self, observations: list[Observation]) -> list[ActionPrediction]:
+    def predict_frames(self, observations: Sequence[Observation]) -> list[ActionPrediction]:
         """Batched, stateless chunks in the training data's units."""
 
     def new_history(self) -> dict[str, Any]:

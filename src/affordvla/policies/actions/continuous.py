@@ -10,7 +10,7 @@ after each frame's prompt, as RoboVLMs' policy-head formulations:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -38,6 +38,10 @@ class ContinuousActionModule(ActionPolicyModuleBase):
     """A backbone with learnable action tokens and a continuous policy head (`head`: a factory of a PolicyHead
     taking the shape arguments, as `head=lstm|gpt|mlp` gives it)."""
 
+    policy_head: PolicyHead
+    action_token: nn.Parameter
+    head_factory: Callable[..., PolicyHead]
+
     head_part = "policy_head"
 
     def __init__(self, backbone: VLMBackbone, head: Callable[..., PolicyHead],
@@ -56,8 +60,9 @@ class ContinuousActionModule(ActionPolicyModuleBase):
         self.head_factory = head
         self.formulation, self.latent_tokens = formulation, latent_tokens
         self.gripper_loss_weight = gripper_loss_weight
-        self.policy_head: PolicyHead | None = None
-        self.action_token: nn.Parameter | None = None
+        # built by configure_from_metadata, before any step uses them
+        self.policy_head = None  # type: ignore[assignment]
+        self.action_token = None  # type: ignore[assignment]
 
     def build_head(self, chunk_size: int, window_size: int) -> None:
         hidden = self.backbone.hidden_size
@@ -131,7 +136,7 @@ class ContinuousActionModule(ActionPolicyModuleBase):
         return list(self.policy_head.parameters()) + [self.action_token]
 
     # --- inference ----------------------------------------------------------------------------------------
-    def predict_frames(self, observations: list[Observation]) -> list[ActionPrediction]:
+    def predict_frames(self, observations: Sequence[Observation]) -> list[ActionPrediction]:
         pixels = self.pixel_values([o.image_for(self.camera) for o in observations])
         features = self.action_features(pixels, [self.prompt(o.instruction) for o in observations],
                                         len(observations), 1)

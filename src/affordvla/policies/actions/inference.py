@@ -85,7 +85,7 @@ class ActionPolicy(Policy):
     module: ActionPolicyModuleBase
 
     @property
-    def camera(self) -> str:
+    def camera(self) -> str | None:
         return self.module.camera
 
     def predict(self, observations: Sequence[Observation | Mapping[str, Any]], unnorm_key: str | None = None

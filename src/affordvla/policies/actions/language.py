@@ -5,7 +5,7 @@ answer) sample; LLARVA's prompt quotes the frame's recent proprio states.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -25,6 +25,9 @@ from affordvla.policies.base import ActionPrediction, Observation, answer_logits
 class LanguageActionModule(ActionPolicyModuleBase):
     """A backbone writing each frame's action chunk as text (`head`: a DiscreteActionHead or TextActionHead, as
     `head=discrete|text_actions` gives it)."""
+
+    # a discrete or a text head: each offers its own parts (parse, trace) beside the shared interface
+    language_head: Any
 
     def __init__(self, backbone: VLMBackbone, head: LanguageActionHead,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -106,7 +109,7 @@ class LanguageActionModule(ActionPolicyModuleBase):
         head.n_parsed, head.n_failed = counts
         return parsed
 
-    def predict_frames(self, observations: list[Observation]) -> list[ActionPrediction]:
+    def predict_frames(self, observations: Sequence[Observation]) -> list[ActionPrediction]:
         prompts = [self.language_head.prompt(o.instruction, None if o.state is None else o.state[None])
                    for o in observations]
         return self._answer([o.image_for(self.camera) for o in observations], prompts, previous_gripper=1.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
@@ -31,7 +31,8 @@ from affordvla.policies.base import POLICY_FILE, PolicyFormatError, read_head_st
 LEGACY_WEIGHTS = "policy_head.safetensors"
 RUN_CONFIG = "config_resolved.yaml"
 # a version-0 record names its head by the class path Hydra instantiated; looked up here, never imported
-LEGACY_TARGETS = {f"{cls.__module__}.{cls.__qualname__}": name for name, cls in {**HEADS, **LANGUAGE_HEADS}.items()}
+LEGACY_TARGETS = {f"{cls.__module__}.{getattr(cls, '__qualname__', '')}": name
+                  for name, cls in {**HEADS, **LANGUAGE_HEADS}.items()}
 
 
 def build_module(backbone, head: dict[str, Any]) -> ActionPolicyModuleBase:
@@ -89,7 +90,7 @@ def legacy_record(export_dir: Path, run_config: DictConfig | dict | None = None)
                 raise FileNotFoundError(f"{path} does not record its head and there is no {config_file}: the "
                                         "training run's resolved config is needed to rebuild the head (pass "
                                         "--config, or --run-id)")
-            run_config = OmegaConf.load(config_file)
+            run_config = cast(DictConfig, OmegaConf.load(config_file))
         run_config = OmegaConf.create(run_config) if not isinstance(run_config, DictConfig) else run_config
         head_config = OmegaConf.to_container(run_config.head, resolve=True)
         prefix_lm = run_config.backbone.get("prefix_lm")

@@ -29,7 +29,8 @@ class KeypointPolicy(Policy):
         """One prediction per observation. `centre_crop=False`: the images are the run's evaluation view already
         (an evaluation whose dataset crops them), so the recorded crop is not applied again."""
         with torch.inference_mode():
-            return self.module.predict_observations(list(observations), centre_crop=centre_crop)
+            return self.module.predict_observations([Observation.coerce(o) for o in observations],
+                                                    centre_crop=centre_crop)
 
     def session(self, **options: Any) -> KeypointSession:
         if options:

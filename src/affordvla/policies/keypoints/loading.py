@@ -9,7 +9,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -77,7 +77,7 @@ def read_settings(export_dir: str | Path, record: dict[str, Any], overrides: dic
 def build(export_dir: str | Path, settings: KeypointSettings, record: dict[str, Any]) -> KeypointPolicy:
     """The policy the settings describe, with the backbone and head weights of `export_dir`."""
     export_dir = Path(export_dir)
-    extra = {} if settings.prefix_lm is None else {"prefix_lm": settings.prefix_lm}
+    extra: dict[str, Any] = {} if settings.prefix_lm is None else {"prefix_lm": settings.prefix_lm}
     backbone = load_backbone(family_of(export_dir), str(export_dir), **extra)
     backbone.eval()
     try:
@@ -125,11 +125,12 @@ def _text_v0(export_dir: Path, run_config: dict[str, Any] | None,
              overrides: dict[str, Any] | None) -> KeypointSettings:
     """decoding.json, else the run's config (given, or beside the export); a model that records neither is
     decoded by the flags alone, which must name the codec."""
-    recorded, source = read_decoding_record(export_dir), export_dir / DECODING_RECORD
+    recorded = read_decoding_record(export_dir)
+    source: Path | None = export_dir / DECODING_RECORD
     if recorded is None:
         beside = export_dir.parent / RUN_CONFIG
         if run_config is None and beside.is_file():
-            run_config, source = OmegaConf.to_container(OmegaConf.load(beside)), beside
+            run_config, source = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(beside))), beside
         if run_config is not None:
             recorded = run_decoding_settings(run_config)
     if recorded is None:
@@ -158,7 +159,7 @@ def _regression_v0(export_dir: Path) -> KeypointSettings:
     view: dict[str, Any] = {}
     beside = export_dir.parent / RUN_CONFIG
     if beside.is_file():  # the run's attention mask and view; its head is not the text head, so none of that
-        config = OmegaConf.to_container(OmegaConf.load(beside))
+        config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(beside)))
         view = run_decoding_settings({**config, "head": {}})
     return KeypointSettings("KeypointRegressionHead", head, prefix_lm=view.get("prefix_lm"),
                             centre_crop=view.get("centre_crop"), dataset_metadata=_metadata_beside(export_dir),

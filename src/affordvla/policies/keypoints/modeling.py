@@ -80,7 +80,8 @@ class KeypointPolicyModule(PolicyModule):
         losses = self.head.losses(self.backbone, batch)
         batch_size = len(batch["samples"])
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
-        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:  # logging costs ~2% of a tiny step
+        every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connector
+        if self.trainer.global_step % every == 0:  # logging costs ~2% of a tiny step
             for name, value in losses.items():
                 if name != "loss":
                     self.log(f"train/{name}", value, batch_size=batch_size)
@@ -178,7 +179,8 @@ class KeypointPolicyModule(PolicyModule):
 
     def readable(self, text: str) -> bool:
         """Whether the head's codec reads points out of an answer of `answer_questions`."""
-        return self.head.codec.try_decode(text) is not None
+        codec: Any = self.head.codec
+        return codec.try_decode(text) is not None
 
     def describe(self) -> dict[str, Any]:
         return {"point_names": list(self.head.point_names), "centre_crop": self.centre_crop,

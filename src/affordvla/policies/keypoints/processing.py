@@ -20,7 +20,7 @@ class KeypointBatchCollator:
         self.backbone = backbone
         self.head = head
         self.cache_pixels = cache_pixels
-        self._pixels: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._pixels: dict[tuple[Any, Any, Any], torch.Tensor] = {}  # (source, entry, view)
 
     def _pixel_values(self, samples: list[KeypointSample]) -> torch.Tensor:
         if not self.cache_pixels:
