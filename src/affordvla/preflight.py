@@ -81,9 +81,11 @@ def check_options(cfg: DictConfig, groups: tuple[str, ...] = CHECKED_GROUPS) -> 
                 if key in HYDRA_KEYS or key in accepted:
                     continue
                 close = difflib.get_close_matches(str(key), sorted(accepted), n=1)
-                hint = (f"; did you mean {name}.{close[0]}?" if close else
-                        f"; its options: {', '.join(sorted(accepted)[:SHOWN_OPTIONS])}"
-                        f"{', ...' if len(accepted) > SHOWN_OPTIONS else ''}")
+                options = (f"{', '.join(sorted(accepted)[:SHOWN_OPTIONS])}"
+                           f"{', ...' if len(accepted) > SHOWN_OPTIONS else ''}")
+                # the options too: a close match may not be the one meant (episodes: val_ or train_episodes)
+                hint = (f"; did you mean {name}.{close[0]}? (its options: {options})" if close else
+                        f"; its options: {options}")
                 raise ValueError(f"{name}.{key} is not an option of {node._target_}{hint}")
 
 
