@@ -74,6 +74,8 @@ class PolicyAPI(ls.LitAPI):
     by model."""
 
     kind = ""
+    # the endpoint's request checks: the parsed request (naming its model), or a RequestError raised
+    parse: Callable[[Any, Limits], Any]
 
     def __init__(self, models: dict[str, str], kinds: dict[str, str], limits: Limits, *, max_batch_size: int = 1,
                  batch_timeout: float = 0.0, api_path: str, loader: str = DEFAULT_LOADER):
@@ -86,6 +88,15 @@ class PolicyAPI(ls.LitAPI):
         for name, source in self.models.items():
             if self.kinds[name] == self.kind:
                 self.policies[name] = load(source, device=device)
+
+    def decode_request(self, request, **kwargs):
+        # a bad request travels through the batch as its error, so it is answered without failing the batch
+        try:
+            parsed = self.parse(request, self.limits)
+            parsed.model = resolve_model(parsed.model, self.kinds, self.kind)
+            return parsed
+        except RequestError as exc:
+            return exc
 
     def batched(self, x) -> list:
         return list(x) if self.max_batch_size > 1 else [x]
@@ -122,17 +133,10 @@ class KeypointsAPI(PolicyAPI):
     """POST /v1/keypoints: named points of an image for an instruction."""
 
     kind = "keypoints"
+    parse = staticmethod(parse_keypoints)
 
     def __init__(self, models, kinds, limits, **kwargs):
         super().__init__(models, kinds, limits, api_path=KEYPOINTS_PATH, **kwargs)
-
-    def decode_request(self, request, **kwargs):
-        try:
-            parsed = parse_keypoints(request, self.limits)
-            parsed.model = resolve_model(parsed.model, self.kinds, self.kind)
-            return parsed
-        except RequestError as exc:
-            return exc
 
     def predict(self, x, **kwargs):
         items = self.batched(x)
@@ -157,6 +161,7 @@ class ActAPI(PolicyAPI):
     POST /v1/sessions/{id}/reset, which the gate turns into an /act request with `reset`)."""
 
     kind = "actions"
+    parse = staticmethod(parse_act)
 
     def __init__(self, models, kinds, limits, *, max_sessions: int = 64, session_idle_seconds: float = 600.0,
                  **kwargs):
@@ -166,14 +171,6 @@ class ActAPI(PolicyAPI):
     def setup(self, device):
         super().setup(device)
         self.sessions = SessionStore(self.max_sessions, self.session_idle_seconds)
-
-    def decode_request(self, request, **kwargs):
-        try:
-            parsed = parse_act(request, self.limits)
-            parsed.model = resolve_model(parsed.model, self.kinds, self.kind)
-            return parsed
-        except RequestError as exc:
-            return exc
 
     def predict(self, x, **kwargs):
         items = self.batched(x)

@@ -17,8 +17,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from affordvla.backbones.factory import FAMILIES, load_backbone
-from affordvla.backbones.llava.convert import is_original_llava
+from affordvla.backbones.factory import family_of, load_backbone
 from affordvla.heads.action_normalization import ActionNormalizer
 from affordvla.heads.language_actions import LANGUAGE_HEADS
 from affordvla.heads.policy_heads import HEADS
@@ -66,7 +65,7 @@ def load(export_dir: str | Path, record: dict[str, Any], run_config: DictConfig 
         if key not in head:
             raise PolicyFormatError(f"{export_dir / POLICY_FILE}: the head record has no {key!r}")
     backbone = record.get("backbone") or {}
-    loaded = load_backbone(backbone.get("family") or _family(export_dir), str(export_dir),
+    loaded = load_backbone(backbone.get("family") or family_of(export_dir), str(export_dir),
                            **(backbone.get("load") or {}))
     module = build_module(loaded, head)
     module.configure(record.get("dataset_metadata") or {}, ActionNormalizer.from_dict(head["normalizer"]))
@@ -105,18 +104,6 @@ def legacy_record(export_dir: Path, run_config: DictConfig | dict | None = None)
             "normalizer": normalizer,
             "normalization": {"mode": normalizer["mode"], "clip_bound": normalizer["clip_bound"]}}
     return {"kind": "actions", "format_version": 0, "sample_kind": "action_window", "head": head,
-            "backbone": {"family": _family(export_dir),
+            "backbone": {"family": family_of(export_dir),
                          "load": {} if prefix_lm is None else {"prefix_lm": bool(prefix_lm)}},
             "dataset_metadata": old["dataset_metadata"], "source": {}}
-
-
-def _family(model_dir: Path) -> str:
-    """The backbone family of a checkpoint folder, from its config.json (a version-0 export records none)."""
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise PolicyFormatError(f"{model_dir} has no config.json: not an exported policy's backbone")
-    config = json.loads(config_file.read_text())
-    family = "llava" if is_original_llava(config) else config.get("model_type")
-    if family not in FAMILIES:
-        raise PolicyFormatError(f"{config_file}: model_type {family!r} is not one of {sorted(FAMILIES)}")
-    return family
