@@ -242,7 +242,7 @@ def _text_pointing_stage(backbone, train: list[Scene], held_out: list[Scene], pi
     parts = backbone.parameter_parts()
     optimizer = torch.optim.AdamW([{"params": parts["projector"] + parts["language_model"], "lr": lr},
                                    {"params": parts["vision_tower"], "lr": tower_lr}], weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, steps, warmup_fraction=0.05)
+    schedule = warmup_cosine(optimizer, steps, warmup_steps=max(1, steps // 20), cosine_from_start=True)
     history = []
     backbone.train()
     for step in tqdm(range(steps), desc="text pointing pre-training", unit="step"):
@@ -279,7 +279,7 @@ def _train_dense(module: nn.Module, encode, params: list[nn.Parameter], head: De
     `extra_loss(features, rows)` is added to the loss and trained with it."""
     params = params + list(head.parameters()) + (list(extra_loss.parameters()) if extra_loss is not None else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, steps, warmup_fraction=0.025)
+    schedule = warmup_cosine(optimizer, steps, warmup_steps=max(1, steps // 40), cosine_from_start=True)
     generator = torch.Generator().manual_seed(seed)
     history = []
 
