@@ -135,4 +135,4 @@ def test_rlbench_trains_through_the_action_experiment(rlbench_root, tmp_path, ti
     config = json.loads((tmp_path / "run" / "model" / "policy.json").read_text())
     assert config["dataset_metadata"]["action_dim"] == 8 and config["dataset_metadata"]["cameras"] == {
         "front": [8, 8, 3]}
-    assert config["normalizer"]["gripper_low"] == 0.0  # gripper_open is 1 / 0 in RLBench
+    assert config["head"]["normalizer"]["gripper_low"] == 0.0  # gripper_open is 1 / 0 in RLBench
